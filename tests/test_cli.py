@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from plugin_helpers import merge_plugin, selectors_plugin
+
+from tokred import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def test_registries(make_registries, monkeypatch):
+    registries = make_registries(selectors_plugin("sels", "every_other"), merge_plugin())
+    monkeypatch.setattr(cli, "_registries", lambda: registries)
+    return registries
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plugins_lists_parts_by_kind_with_source(test_registries, capsys):
+    code, out, _ = run_cli(capsys, "plugins")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "selectors:"
+    assert "every_other" in lines[1] and "Picks every other slot." in lines[1] and "[test sels]" in lines[1]
+    assert "merge ops:" in lines and "localities:" in lines and "adapters:" in lines
+    assert any("blend" in line and "blends tokens" in line for line in lines)
+
+
+def test_config_show_prints_resolved_yaml(test_registries, capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("selector: every_other\nmerge: {name: blend}\n")
+    code, out, err = run_cli(capsys, "config", "show", str(path), "ratio=0.3", "selector.start=1")
+    assert code == 0, err
+    data = yaml.safe_load(out)
+    assert data["ratio"] == 0.3
+    assert data["selector"] == {"name": "every_other", "start": 1}
+    assert data["merge"] == {"name": "blend", "temperature": 100.0, "unmerge": "transpose"}
+
+
+def test_config_show_bad_value_exits_2_without_traceback(test_registries, capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("selector: every_other\n")
+    code, out, err = run_cli(capsys, "config", "show", str(path), "ratio=3", "selector=nope")
+    assert code == 2
+    assert out == ""
+    assert "Traceback" not in err
+    assert err.startswith("tokred: error: invalid config:")
+    assert "ratio: Input should be less than 1 (given: 3)" in err
+    assert "selector.name: unknown selector 'nope'; available: every_other" in err
+
+
+def test_config_show_unknown_preset_exits_2(test_registries, capsys):
+    code, _, err = run_cli(capsys, "config", "show", "no_such_preset")
+    assert code == 2
+    assert "unknown preset 'no_such_preset'" in err
+
+
+def test_config_schema_is_json_with_registered_parts(test_registries, capsys):
+    code, out, _ = run_cli(capsys, "config", "schema")
+    assert code == 0
+    schema = json.loads(out)
+    assert "EveryOtherSelector" in schema["$defs"]
+    assert schema["properties"]["ratio"]["exclusiveMaximum"] == 1.0
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["no-such-command"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        cli.main(["config"])
+    assert info.value.code == 2
+
+
+def _console_script() -> str:
+    script = shutil.which("tokred", path=str(Path(sys.executable).parent))
+    assert script, "the tokred console script is not installed next to this python"
+    return script
+
+
+def test_console_script_lists_the_installed_example_plugin():
+    env = {k: v for k, v in os.environ.items() if k != "TOKRED_LOAD_PLUGINS"}
+    result = subprocess.run([_console_script(), "plugins"], capture_output=True, text=True, env=env, check=True)
+    line = next(line for line in result.stdout.splitlines() if "checkerboard" in line)
+    assert "[tokred-example-plugin 0.1.0]" in line
+
+
+def test_console_script_shows_a_config_naming_the_example_plugin():
+    config = REPO / "examples" / "configs" / "checkerboard.yaml"
+    result = subprocess.run(
+        [_console_script(), "config", "show", str(config), "ratio=0.25", "selector.phase=0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = yaml.safe_load(result.stdout)
+    assert data["selector"] == {"name": "checkerboard", "phase": 0}
+    assert data["ratio"] == 0.25
+
+
+def test_console_script_rejects_a_bad_option_of_the_plugin_part():
+    config = REPO / "examples" / "configs" / "checkerboard.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "tokred", "config", "show", str(config), "selector.phase=2"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "selector.phase: Input should be less than or equal to 1 (given: 2)" in result.stderr
+    assert "Traceback" not in result.stderr

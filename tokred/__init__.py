@@ -1,0 +1,50 @@
+"""tokred: run the transformer layers of diffusion models on fewer tokens, without training.
+
+Importing tokred defines things and does nothing else: plugins load, and torch or diffusers are imported, on
+first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tokred.errors import ConfigError, TokredError, UnknownPartError
+from tokred.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from tokred.config import RunConfig, load_config
+    from tokred.plugins import get_plugin_manager
+    from tokred.registry import Options, Registries
+
+_LAZY = {
+    "load_config": ("tokred.config", "load_config"),
+    "RunConfig": ("tokred.config", "RunConfig"),
+    "get_plugin_manager": ("tokred.plugins", "get_plugin_manager"),
+    "Options": ("tokred.registry", "Options"),
+    "Registries": ("tokred.registry", "Registries"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'tokred' has no attribute {name!r}")
+
+
+__all__ = [
+    "ConfigError",
+    "Options",
+    "Registries",
+    "RunConfig",
+    "TokredError",
+    "UnknownPartError",
+    "__version__",
+    "get_plugin_manager",
+    "hookimpl",
+    "load_config",
+]

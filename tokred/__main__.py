@@ -1,0 +1,3 @@
+from tokred.cli import main
+
+raise SystemExit(main())

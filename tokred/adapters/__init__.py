@@ -1,0 +1,1 @@
+"""Adapters: integration of tokred with diffusers models (no strategy logic here)."""

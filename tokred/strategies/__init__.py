@@ -1,0 +1,1 @@
+"""Strategies: selectors, merge ops, localities and schedules — pure tensor code, no diffusers."""
