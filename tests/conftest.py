@@ -7,7 +7,7 @@ from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 settings.register_profile("ci", deadline=None, max_examples=60, derandomize=True)
-settings.register_profile("dev", deadline=None, max_examples=30)
+settings.register_profile("dev", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -23,7 +23,7 @@ def make_pm():
     """A fresh plugin manager without entry points, holding the given test plugins."""
     from tokred.plugins import get_plugin_manager
 
-    def make(*plugins, entry_points: bool = False, builtins: bool = True):
+    def make(*plugins, entry_points: bool = False, builtins: bool = False):
         pm = get_plugin_manager(entry_points=entry_points)
         if not builtins:
             for name in list(pm.sources):

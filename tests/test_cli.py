@@ -121,3 +121,66 @@ def test_console_script_rejects_a_bad_option_of_the_plugin_part():
     assert result.returncode == 2
     assert "selector.phase: Input should be less than or equal to 1 (given: 2)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_ops_runs_small_and_writes_its_report(capsys, tmp_path):
+    out = tmp_path / "ops"
+    code, stdout, err = run_cli(
+        capsys,
+        "bench-ops",
+        "--sizes",
+        "32x2",
+        "--grid",
+        "16x16",
+        "--localities",
+        "tiles8,global",
+        "--repeats",
+        "2",
+        "--batch",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert code == 0, err
+    report = json.loads((out / "bench_ops.json").read_text())
+    assert [row["locality"] for row in report["costs"]] == ["tiles8", "global"]
+    for row in report["costs"]:
+        assert row["attention_ms"] > 0 and row["plan_ms"] > 0 and row["merge_ms"] > 0
+        assert row["overhead_share"] == pytest.approx(
+            (row["plan_ms"] + row["merge_ms"] + row["unmerge_ms"]) / row["attention_ms"]
+        )
+    selectors = {(row["locality"], row["selector"]) for row in report["quality"]}
+    assert selectors == {(loc, sel) for loc in ("tiles8", "global") for sel in ("toma", "random", "grid")}
+    assert "overhead at tiles 8x8" not in stdout  # that target is about C=640 only
+    assert "toma better than random and grid at tiles8" in stdout
+    assert (out / "bench_ops.txt").read_text().startswith("tokred bench-ops:")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--localities", "tiles9"], "--localities: unknown 'tiles9'; available: tiles8, tiles4, stripes8, global"),
+        (["--sizes", "640"], "--sizes: expected AxB"),
+        (["--grid", "0x4"], "--grid: expected AxB[,AxB...] with positive numbers"),
+    ],
+)
+def test_bench_ops_bad_arguments_exit_2(capsys, tmp_path, argv, fragment):
+    code, _, err = run_cli(capsys, "bench-ops", "--out", str(tmp_path), "--quiet", *argv)
+    assert code == 2
+    assert fragment in err
+
+
+def test_bench_ops_unwritable_out_exits_2(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "bench-ops", "--out", str(blocker / "sub"), "--quiet", "--sizes", "8x1")
+    assert code == 2
+    assert "--out: cannot write to" in err
+
+
+def test_config_presets_lists_shipped_presets(capsys):
+    code, out, _ = run_cli(capsys, "config", "presets")
+    assert code == 0
+    names = {line.split()[0] for line in out.splitlines()}
+    assert {"toma", "toma_stripe", "random", "grid", "todo", "tomesd_like"} <= names

@@ -15,8 +15,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from tokred.config import RunConfig, load_config
+    from tokred.plan import MergePlan
     from tokred.plugins import get_plugin_manager
     from tokred.registry import Options, Registries
+    from tokred.strategy import Strategy, make_plan
 
 _LAZY = {
     "load_config": ("tokred.config", "load_config"),
@@ -24,6 +26,9 @@ _LAZY = {
     "get_plugin_manager": ("tokred.plugins", "get_plugin_manager"),
     "Options": ("tokred.registry", "Options"),
     "Registries": ("tokred.registry", "Registries"),
+    "make_plan": ("tokred.strategy", "make_plan"),
+    "MergePlan": ("tokred.plan", "MergePlan"),
+    "Strategy": ("tokred.strategy", "Strategy"),
 }
 
 
@@ -38,13 +43,16 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ConfigError",
+    "MergePlan",
     "Options",
     "Registries",
     "RunConfig",
+    "Strategy",
     "TokredError",
     "UnknownPartError",
     "__version__",
     "get_plugin_manager",
     "hookimpl",
     "load_config",
+    "make_plan",
 ]

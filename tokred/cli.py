@@ -7,6 +7,7 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from tokred.errors import TokredError
 
@@ -64,6 +65,68 @@ def cmd_config_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(text: str, what: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]
+    except ValueError:
+        raise TokredError(f"{what}: expected AxB[,AxB...], got {text!r}") from None
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise TokredError(f"{what}: expected AxB[,AxB...] with positive numbers, got {text!r}")
+    return pairs  # type: ignore[return-value]
+
+
+def cmd_bench_ops(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from tokred.bench_ops import LOCALITIES, check_targets, format_report, run_bench_ops
+
+    localities = [name for name in args.localities.split(",") if name]
+    unknown = [name for name in localities if name not in LOCALITIES]
+    if unknown:
+        raise TokredError(f"--localities: unknown {unknown[0]!r}; available: {', '.join(LOCALITIES)}")
+    sizes = _pairs(args.sizes, "--sizes")
+    grid = _pairs(args.grid, "--grid")[0]
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = _prepare_out(args.out)
+    bar = tqdm(total=len(sizes) * len(localities), desc="bench-ops", disable=args.quiet, unit="case")
+    try:
+        report = run_bench_ops(
+            batch=args.batch,
+            grid=grid,
+            sizes=sizes,
+            localities=localities,
+            ratio=args.ratio,
+            repeats=args.repeats,
+            slow_repeats=args.slow_repeats,
+            device=args.device,
+            dtype=dtypes[args.dtype],
+            on_case=lambda label: (bar.set_postfix_str(label), bar.update(1)),
+        )
+    finally:
+        bar.close()
+    text = format_report(report) + "\n\n" + "\n".join(check_targets(report))
+    print(text)
+    (out_dir / "bench_ops.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "bench_ops.txt").write_text(text + "\n")
+    print(f"\nwritten: {out_dir / 'bench_ops.json'}, {out_dir / 'bench_ops.txt'}")
+    return 0
+
+
+def _prepare_out(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tokred-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise TokredError(f"--out: cannot write to {str(out)!r}: {exc.strerror or exc}") from None
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tokred import __version__
 
@@ -86,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_config_schema)
     presets = config_commands.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=cmd_config_presets)
+
+    ops = commands.add_parser(
+        "bench-ops",
+        help="time plan/merge/unmerge against full-sequence attention; compare selectors on structured input",
+    )
+    ops.add_argument("--sizes", default="640x10,3072x24", help="CHANNELSxHEADS list (default: 640x10,3072x24)")
+    ops.add_argument("--localities", default="tiles8,tiles4,global", help="from tiles8,tiles4,stripes8,global")
+    ops.add_argument("--grid", default="64x64", help="token grid HxW (default 64x64)")
+    ops.add_argument("--batch", type=int, default=2)
+    ops.add_argument("--ratio", type=float, default=0.5)
+    ops.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median reported)")
+    ops.add_argument("--slow-repeats", type=int, default=1, help="repeats for the global locality (slow: O(d*N^2))")
+    ops.add_argument("--device", default="cpu")
+    ops.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ops.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ops.add_argument("--out", default="tokred-out/bench-ops", help="directory for bench_ops.json and .txt")
+    ops.add_argument("--quiet", action="store_true", help="no progress bar")
+    ops.set_defaults(func=cmd_bench_ops)
     return parser
 
 

@@ -29,10 +29,17 @@ class GroupLayout:
     grid: tuple[int, int]
     index: Tensor
     valid: Tensor
+    tile: tuple[int, int] | None = None
 
     @classmethod
-    def from_group_ids(cls, grid: tuple[int, int], group_of_token: Tensor) -> GroupLayout:
-        """Build the layout from each token's group id (ids 0..G-1, every id used)."""
+    def from_group_ids(
+        cls, grid: tuple[int, int], group_of_token: Tensor, tile: tuple[int, int] | None = None
+    ) -> GroupLayout:
+        """Build the layout from each token's group id (ids 0..G-1, every id used).
+
+        ``tile`` declares that the groups are exact t_h×t_w tiles numbered row-major (t_h divides h, t_w
+        divides w): slots are then reached by a reshape instead of a gather.
+        """
         group_of_token = group_of_token.to(torch.long).cpu()
         num_tokens = grid[0] * grid[1]
         if group_of_token.shape != (num_tokens,):
@@ -48,7 +55,10 @@ class GroupLayout:
         index = order[starts].unsqueeze(1).repeat(1, size)  # pad with the group's first token
         index[group_of_token[order], rank] = order
         valid = torch.arange(size).unsqueeze(0) < counts.unsqueeze(1)
-        return cls(grid=(int(grid[0]), int(grid[1])), index=index, valid=valid)
+        layout = cls(grid=(int(grid[0]), int(grid[1])), index=index, valid=valid, tile=tile)
+        for name in _DERIVED:  # computed now, so applying a plan never computes them
+            getattr(layout, name)
+        return layout
 
     @property
     def num_tokens(self) -> int:
@@ -85,8 +95,64 @@ class GroupLayout:
         """(G, n, 2) the (row, column) of the token at each slot."""
         return torch.stack((self.index // self.grid[1], self.index % self.grid[1]), dim=-1)
 
+    @cached_property
+    def trivial_order(self) -> bool:
+        """Slots already list the tokens in row-major order without padding (one group, or row bands)."""
+        return self.regular and bool((self.index.flatten() == torch.arange(self.num_tokens)).all())
+
+    @cached_property
+    def _on_device(self) -> dict[str, GroupLayout]:
+        return {}
+
     def to(self, device: torch.device | str) -> GroupLayout:
-        return GroupLayout(self.grid, self.index.to(device), self.valid.to(device))
+        """This layout with its tensors on ``device`` (cached: layouts are reused for every plan)."""
+        key = str(torch.device(device))
+        if key == str(self.index.device):
+            return self
+        if key not in self._on_device:
+            moved = GroupLayout(self.grid, self.index.to(device), self.valid.to(device), self.tile)
+            for name in _DERIVED:
+                value = getattr(self, name)
+                moved.__dict__[name] = value.to(device) if isinstance(value, Tensor) else value
+            self._on_device[key] = moved
+        return self._on_device[key]
+
+    def to_slots(self, x: Tensor) -> Tensor:
+        """(B, N, C) tokens -> (B, G, n, C) in slot order (padded slots repeat a token of their group)."""
+        batch, _, channels = x.shape
+        if self.trivial_order:
+            return x.view(batch, self.num_groups, self.group_size, channels)
+        if self.tile is not None:
+            (h, w), (th, tw) = self.grid, self.tile
+            tiles = x.view(batch, h // th, th, w // tw, tw, channels).permute(0, 1, 3, 2, 4, 5)
+            return tiles.reshape(batch, self.num_groups, self.group_size, channels)
+        return take_rows(x, self.index.flatten()).view(batch, self.num_groups, self.group_size, channels)
+
+    def from_slots(self, slots: Tensor) -> Tensor:
+        """(B, G, n, C) in slot order -> (B, N, C) tokens in row-major order (padded slots dropped)."""
+        batch, channels = slots.shape[0], slots.shape[-1]
+        if self.trivial_order:
+            return slots.reshape(batch, self.num_tokens, channels)
+        if self.tile is not None:
+            (h, w), (th, tw) = self.grid, self.tile
+            tiles = slots.view(batch, h // th, w // tw, th, tw, channels).permute(0, 1, 3, 2, 4, 5)
+            return tiles.reshape(batch, self.num_tokens, channels)
+        return take_rows(slots.reshape(batch, -1, channels), self.inverse)
+
+
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Rows of ``x`` (B, N, C) at ``index`` ((K,) shared, or (B or 1, K) per sample) -> (B, K, C).
+
+    One ``index_select`` on dim 0 of the (B·N, C) view: several times faster than ``gather`` or
+    ``index_select`` on dim 1 of the 3-D tensor on CPU.
+    """
+    batch, n, channels = x.shape
+    offsets = torch.arange(batch, device=x.device).unsqueeze(1) * n
+    flat = (index.view(-1, index.shape[-1]) + offsets).flatten()
+    return x.reshape(batch * n, channels).index_select(0, flat).view(batch, -1, channels)
+
+
+_DERIVED = ("counts", "regular", "inverse", "coords", "trivial_order")
 
 
 def destination_counts(counts: Tensor, ratio: float) -> Tensor:
@@ -95,11 +161,16 @@ def destination_counts(counts: Tensor, ratio: float) -> Tensor:
     return torch.minimum(kept.clamp_min(1), counts)
 
 
+def _safe_reciprocal(norms: Tensor) -> Tensor:
+    return torch.where(norms > 1e-12, norms.reciprocal(), torch.zeros_like(norms))
+
+
 class SelectionContext:
     """The tokens of one site, grouped, as selectors and merge ops see them.
 
     Attributes:
-        features: (B, G, n, C) float32, L2-normalised; zero at padded slots.
+        features: (B, G, n, C) float32 token features (not normalised; padded slots repeat a token of
+            their group and must be ignored through ``layout.valid``).
         layout: the :class:`GroupLayout` (on the features' device).
         num_destinations: (G,) destinations to pick in each group.
         max_destinations: the largest of them (d).
@@ -124,11 +195,24 @@ class SelectionContext:
     def batch_size(self) -> int:
         return self.features.shape[0]
 
+    @cached_property
+    def inverse_norms(self) -> Tensor:
+        """(B, G, n) 1/‖x‖ of each slot (0 for a zero vector)."""
+        norms = torch.linalg.vector_norm(self.features, dim=-1)
+        return _safe_reciprocal(norms)
+
     @property
     def similarity(self) -> Tensor:
-        """(B, G, n, n) cosine similarity of the slots of each group (computed once, on first use)."""
+        """(B, G, n, n) cosine similarity of the slots of each group (computed once, on first use).
+
+        Normalising the n×n product rather than the n×C features costs n/C as much.
+        """
         if self._similarity is None:
-            self._similarity = self.features @ self.features.transpose(-1, -2)
+            gram = self.features @ self.features.transpose(-1, -2)
+            if "inverse_norms" not in self.__dict__:  # the diagonal holds the squared norms: no extra pass
+                self.__dict__["inverse_norms"] = _safe_reciprocal(gram.diagonal(dim1=-2, dim2=-1).sqrt())
+            inv = self.inverse_norms
+            self._similarity = gram.mul_(inv.unsqueeze(-1)).mul_(inv.unsqueeze(-2))
         return self._similarity
 
     @property
@@ -141,6 +225,10 @@ class SelectionContext:
         arange = torch.arange(self.max_destinations, device=self.num_destinations.device)
         return arange.unsqueeze(0) < self.num_destinations.unsqueeze(1)
 
+    @cached_property
+    def all_destinations_used(self) -> bool:
+        return bool(self.destination_valid.all())
+
     def destination_similarity(self, destinations: Tensor) -> Tensor:
         """(B, G, d, n) cosine similarity of each destination to every slot of its group."""
         if self._similarity is not None:
@@ -149,7 +237,10 @@ class SelectionContext:
             return self._similarity.gather(2, rows)
         channels = self.features.shape[-1]
         picked = self.features.gather(2, destinations.unsqueeze(-1).expand(-1, -1, -1, channels))
-        return picked @ self.features.transpose(-1, -2)
+        inv = self.inverse_norms
+        picked_inv = inv.gather(2, destinations)
+        gram = picked @ self.features.transpose(-1, -2)
+        return gram.mul_(picked_inv.unsqueeze(-1)).mul_(inv.unsqueeze(-2))
 
 
 def select_by_priority(ctx: SelectionContext, priority: Tensor) -> Tensor:
@@ -214,3 +305,31 @@ class Locality(Protocol):
     """Partitions an h×w grid into groups: ``partition((h, w)) -> GroupLayout``."""
 
     def partition(self, grid: tuple[int, int]) -> GroupLayout: ...
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What a schedule knows of a site.
+
+    Attributes:
+        name: unique name, e.g. the module path of the sub-layer.
+        kind: the sub-layer, e.g. ``attn1``, ``attn2``, ``ff``.
+        family: the kind of block holding it (``transformer`` in a UNet; ``double`` or ``single`` in Flux).
+        block: the index of that block among the blocks of its family, in forward order.
+    """
+
+    name: str
+    kind: str
+    family: str
+    block: int
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """Decides when a site merges, when its plan is rebuilt, and which sites share a plan."""
+
+    def merges(self, step: int, site: SiteInfo) -> bool: ...
+
+    def rebuilds(self, step: int, built_at: int | None) -> bool: ...
+
+    def share_key(self, site: SiteInfo, grid: tuple[int, int]) -> object: ...

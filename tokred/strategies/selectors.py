@@ -1,0 +1,104 @@
+"""Selectors: which tokens of each group become destinations."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from pydantic import Field, PositiveInt
+from torch import Tensor
+
+from tokred.registry import Options
+from tokred.strategies.base import SelectionContext, select_by_priority
+from tokred.strategies.facility_location import greedy_facility_location, nonnegative_similarity
+
+
+def _generator(ctx: SelectionContext, seed: int) -> torch.Generator:
+    """The context's generator when the caller passed one (to vary draws over steps), else one from ``seed``."""
+    if ctx.generator is not None:
+        return ctx.generator
+    return torch.Generator(device=ctx.features.device).manual_seed(seed)
+
+
+class FacilityLocationSelector:
+    """ToMA: greedy submodular facility location on cosine similarity, within each group."""
+
+    def __init__(self, options: Options) -> None:
+        pass
+
+    def select(self, ctx: SelectionContext) -> Tensor:
+        s = nonnegative_similarity(ctx.similarity, ctx.layout.valid)
+        indices, _ = greedy_facility_location(s, ctx.layout.valid, ctx.max_destinations)
+        return indices
+
+
+class RandomSelector:
+    """Uniformly random destinations, from a seeded generator (reproducible)."""
+
+    class Options(Options):
+        seed: int = Field(0, description="seed of the torch.Generator")
+
+    def __init__(self, options: RandomSelector.Options) -> None:
+        self.seed = options.seed
+
+    def select(self, ctx: SelectionContext) -> Tensor:
+        shape = (ctx.batch_size, ctx.layout.num_groups, ctx.layout.group_size)
+        draw = torch.rand(shape, generator=_generator(ctx, self.seed), device=ctx.features.device)
+        return select_by_priority(ctx, draw)
+
+
+@functools.lru_cache(maxsize=64)
+def spread_order(stride_h: int, stride_w: int) -> tuple[int, ...]:
+    """The phases of an s_h×s_w cell, each next one farthest (on the torus) from those already taken."""
+    phases = [(r, c) for r in range(stride_h) for c in range(stride_w)]
+
+    def dist(a: tuple[int, int], b: tuple[int, int]) -> int:
+        dr, dc = abs(a[0] - b[0]), abs(a[1] - b[1])
+        return min(dr, stride_h - dr) ** 2 + min(dc, stride_w - dc) ** 2
+
+    order = [0]
+    while len(order) < len(phases):
+        rest = [p for p in range(len(phases)) if p not in order]
+        order.append(max(rest, key=lambda p: (min(dist(phases[p], phases[q]) for q in order), -p)))
+    rank = [0] * len(phases)
+    for position, phase in enumerate(order):
+        rank[phase] = position
+    return tuple(rank)
+
+
+class GridSelector:
+    """One destination per s_h×s_w cell first (ToMeSD/ToDo-like), then the cells' other phases, spread out."""
+
+    class Options(Options):
+        stride: tuple[PositiveInt, PositiveInt] = Field((2, 2), description="cell height and width, in tokens")
+        random_offset: bool = Field(False, description="pick the position inside each cell at random")
+        seed: int = Field(0, description="seed for random_offset")
+
+    def __init__(self, options: GridSelector.Options) -> None:
+        self.stride = options.stride
+        self.random_offset = options.random_offset
+        self.seed = options.seed
+
+    def priority(self, ctx: SelectionContext) -> Tensor:
+        """(G, n) or (B, G, n) integer priorities: phase rank inside the cell, then a spread order of cells."""
+        sh, sw = self.stride
+        h, w = ctx.layout.grid
+        rows, cols = ctx.layout.coords.unbind(-1)
+        phase = (rows % sh) * sw + cols % sw
+        cells_w = -(-w // sw)
+        num_cells = -(-h // sh) * cells_w
+        cell = (rows // sh) * cells_w + cols // sw
+        device = ctx.features.device
+        if self.random_offset:
+            draw = torch.rand((ctx.batch_size, num_cells, sh * sw), generator=_generator(ctx, self.seed), device=device)
+            ranks = draw.argsort(-1).argsort(-1)  # a random phase order per cell and batch element
+            batch = torch.arange(ctx.batch_size, device=device).view(-1, 1, 1)
+            phase_rank = ranks[batch, cell.unsqueeze(0), phase.unsqueeze(0)]
+        else:
+            phase_rank = torch.tensor(spread_order(sh, sw), device=device)[phase]
+        # a fixed pseudo-random order of cells spreads a partial phase over the whole grid
+        cell_order = torch.randperm(num_cells, generator=torch.Generator().manual_seed(num_cells)).to(device)
+        return phase_rank * num_cells + cell_order[cell]
+
+    def select(self, ctx: SelectionContext) -> Tensor:
+        return select_by_priority(ctx, self.priority(ctx))
