@@ -14,6 +14,7 @@ from tokred.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from tokred.api import Patch, apply, patched, remove
     from tokred.config import RunConfig, load_config
     from tokred.plan import MergePlan
     from tokred.plugins import get_plugin_manager
@@ -27,6 +28,10 @@ _LAZY = {
     "Options": ("tokred.registry", "Options"),
     "Registries": ("tokred.registry", "Registries"),
     "make_plan": ("tokred.strategy", "make_plan"),
+    "apply": ("tokred.api", "apply"),
+    "remove": ("tokred.api", "remove"),
+    "patched": ("tokred.api", "patched"),
+    "Patch": ("tokred.api", "Patch"),
     "MergePlan": ("tokred.plan", "MergePlan"),
     "Strategy": ("tokred.strategy", "Strategy"),
 }
@@ -45,14 +50,18 @@ __all__ = [
     "ConfigError",
     "MergePlan",
     "Options",
+    "Patch",
     "Registries",
     "RunConfig",
     "Strategy",
     "TokredError",
     "UnknownPartError",
     "__version__",
+    "apply",
     "get_plugin_manager",
     "hookimpl",
     "load_config",
     "make_plan",
+    "patched",
+    "remove",
 ]

@@ -115,6 +115,45 @@ def cmd_bench_ops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sdxl(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from tokred import bench_sdxl
+    from tokred.compare import format_rows
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = _prepare_out(args.out)
+    if args.target == "block":
+        methods, total = bench_sdxl.block_methods(args.ratio), args.repeats or 5
+    else:
+        methods, total = bench_sdxl.unet_methods(args.ratio), args.repeats or 1
+    bar = tqdm(total=len(methods) * (total + 1), desc=f"bench-sdxl {args.target}", disable=args.quiet)
+
+    def progress(label: str) -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+
+    try:
+        if args.target == "block":
+            rows, setup = bench_sdxl.bench_block(ratio=args.ratio, repeats=total, progress=progress)
+        else:
+            rows, setup = bench_sdxl.bench_unet(ratio=args.ratio, size=args.size, repeats=total, progress=progress)
+    finally:
+        bar.close()
+    setup.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    text = f"tokred bench-sdxl {args.target}: {json.dumps(setup)}\n\n{format_rows(rows)}"
+    if not setup.get("tomesd", True):
+        text += "\n(tomesd is not installed: skipped)"
+    print(text)
+    (out_dir / f"bench_sdxl_{args.target}.json").write_text(
+        json.dumps({"setup": setup, "rows": [row.as_dict() for row in rows]}, indent=2)
+    )
+    (out_dir / f"bench_sdxl_{args.target}.txt").write_text(text + "\n")
+    return 0
+
+
 def _prepare_out(path: str) -> Path:
     out = Path(path)
     try:
@@ -167,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--out", default="tokred-out/bench-ops", help="directory for bench_ops.json and .txt")
     ops.add_argument("--quiet", action="store_true", help="no progress bar")
     ops.set_defaults(func=cmd_bench_ops)
+
+    sdxl = commands.add_parser(
+        "bench-sdxl", help="SDXL at real sizes (random weights): one transformer stage, or the whole UNet vs tomesd"
+    )
+    sdxl.add_argument("target", choices=["block", "unet"])
+    sdxl.add_argument("--ratio", type=float, default=0.5)
+    sdxl.add_argument("--size", type=int, default=1024, help="image size for the UNet (latents are size/8)")
+    sdxl.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default: block 5, unet 1)")
+    sdxl.add_argument("--threads", type=int, default=0)
+    sdxl.add_argument("--out", default="tokred-out/bench-sdxl")
+    sdxl.add_argument("--quiet", action="store_true")
+    sdxl.set_defaults(func=cmd_bench_sdxl)
     return parser
 
 

@@ -25,7 +25,7 @@ ENTRY_POINT_GROUP = "tokred"
 LOAD_PLUGINS_ENV = "TOKRED_LOAD_PLUGINS"
 
 #: modules whose hook implementations provide tokred's own parts
-DEFAULT_PLUGINS: tuple[str, ...] = ("tokred.strategies.builtin",)
+DEFAULT_PLUGINS: tuple[str, ...] = ("tokred.strategies.builtin", "tokred.adapters.builtin")
 
 
 class TokredPluginManager(pluggy.PluginManager):

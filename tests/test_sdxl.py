@@ -1,0 +1,249 @@
+"""The SDXL/SD UNet adapter and the public apply/remove API, on tiny pipelines built from configs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import tokred
+from tokred.adapters.hooks import tokred_hooks
+from tokred.errors import ConfigError, TokredError
+from tokred.models import TINY_SD1_UNET_CONFIG, TINY_SDXL_UNET_CONFIG, tiny_sdxl_pipeline, unet_from_config
+
+PRESETS = ("toma", "toma_stripe", "random", "grid", "todo", "tomesd_like")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sdxl_pipeline(text_encoders=True)
+
+
+def generate(pipe, prompt="a squirrel", steps=2, height=256, width=256, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        prompt=prompt, num_inference_steps=steps, height=height, width=width, output_type="np", generator=generator
+    ).images
+
+
+@pytest.fixture(scope="module")
+def baseline(pipe):
+    tokred.remove(pipe)
+    return generate(pipe)
+
+
+def unet_inputs(unet, batch=2, height=16, width=16, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    config = unet.config
+    sample = torch.randn(batch, config.in_channels, height, width, generator=gen).to(dtype)
+    ehs = torch.randn(batch, 7, config.cross_attention_dim, generator=gen).to(dtype)
+    kwargs = {}
+    if config.addition_embed_type == "text_time":
+        text = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, text, generator=gen).to(dtype),
+            "time_ids": torch.tensor([[height * 8, width * 8, 0, 0, height * 8, width * 8]] * batch).to(dtype),
+        }
+    return sample, torch.tensor(500), ehs, kwargs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs_end_to_end_with_finite_different_output(pipe, baseline, preset):
+    with tokred.patched(pipe, preset) as patch:
+        images = generate(pipe)
+        total = patch.stats.total
+    assert np.isfinite(images).all()
+    assert not np.array_equal(images, baseline)
+    assert total.merged_calls > 0 and total.tokens_out < total.tokens_in
+    assert not tokred_hooks(pipe.unet)
+
+
+def test_ratio_zero_and_removal_are_bit_identical(pipe, baseline):
+    with tokred.patched(pipe, "toma", ratio=0.0) as patch:
+        assert np.array_equal(generate(pipe), baseline)
+        assert patch.stats.total.merged_calls == 0 and patch.stats.total.calls > 0
+    tokred.apply(pipe, "toma", sites=["attn1", "attn2", "ff"])
+    assert tokred.remove(pipe) is True
+    assert np.array_equal(generate(pipe), baseline)
+    assert "forward" not in pipe.unet.__dict__ and not hasattr(pipe.unet, "_diffusers_hook")
+    assert tokred.remove(pipe) is False
+
+
+def test_all_sites_in_tokens_mode(pipe, baseline):
+    with tokred.patched(pipe, "toma", sites=["attn1", "attn2", "ff"]) as patch:
+        images = generate(pipe)
+    kinds = {site.kind for site in patch.sites}
+    assert kinds == {"attn1", "attn2", "ff"}
+    assert all(patch.stats.sites[site.name].merged_calls == 2 for site in patch.sites)
+    assert np.isfinite(images).all() and not np.array_equal(images, baseline)
+
+
+def test_kv_mode_only_reduces_self_attention(pipe):
+    with pytest.raises(ConfigError, match="mode kv reduces the keys and values of self-attention"):
+        tokred.apply(pipe, "todo", sites=["attn1", "attn2"])
+    assert not tokred_hooks(pipe.unet)
+
+
+def test_non_square_size_uses_the_real_grid(pipe):
+    with tokred.patched(pipe, "toma") as patch:
+        images = generate(pipe, height=256, width=384)  # latents 32x48: attention at 16x24 and 8x12
+        grids = {key[2] for key in patch.engine._plans}
+    assert images.shape == (1, 256, 384, 3) and np.isfinite(images).all()
+    assert grids == {(16, 24), (8, 12)}
+
+
+def test_two_prompts_with_cfg(pipe):
+    with tokred.patched(pipe, "toma") as patch:
+        images = generate(pipe, prompt=["a squirrel", "a red house"])
+        plan = next(iter(patch.engine._plans.values())).plan
+    assert images.shape[0] == 2 and np.isfinite(images).all()
+    assert plan.destinations.shape[0] == 4  # uncond + cond for each prompt: one batch, one step
+
+
+def test_schedule_reuses_plans_and_new_call_restarts_steps(pipe):
+    with tokred.patched(pipe, "toma", schedule={"name": "interval", "every": 2}) as patch:
+        generate(pipe, steps=4)
+        stats = patch.stats
+        stages = 2
+        sites = len(patch.sites)
+        assert stats.steps == 4 and stats.model_calls == 4
+        assert stats.total.plan_builds == stages * 2  # steps 0 and 2
+        assert stats.total.plan_reuses == sites * 4 - stages * 2
+        patch.reset()
+        generate(pipe, steps=2)
+        assert patch.stats.total.plan_builds == stages  # the new run starts at step 0 with fresh plans
+        assert patch.engine.step == 1
+
+
+def test_schedule_steps_and_blocks_limit_merging(pipe):
+    schedule = {"name": "interval", "steps": "1-", "blocks": "0-1"}
+    with tokred.patched(pipe, "toma", schedule=schedule) as patch:
+        generate(pipe, steps=3)
+    merged = {name: s.merged_calls for name, s in patch.stats.sites.items() if s.merged_calls}
+    blocks = {site.name: site.block for site in patch.sites}
+    assert merged and all(blocks[name] in (0, 1) for name in merged)
+    assert all(count == 2 for count in merged.values())  # steps 1 and 2 only
+
+
+def test_time_plans_records_build_time(pipe):
+    patch = tokred.apply(pipe, "toma", time_plans=True)
+    generate(pipe)
+    patch.remove()
+    assert patch.stats.total.build_seconds > 0
+    assert patch.stats.as_dict()["total"]["plan_builds"] == patch.stats.total.plan_builds
+
+
+def test_applying_again_replaces_and_never_stacks(pipe):
+    first = tokred.apply(pipe, "toma")
+    count = len(tokred_hooks(pipe.unet))
+    second = tokred.apply(pipe, "grid", ratio=0.3)
+    assert len(tokred_hooks(pipe.unet)) == count
+    assert not first.active and second.active
+    first.remove()  # a replaced patch's removal leaves the new one alone
+    assert second.active
+    second.remove()
+    assert not tokred_hooks(pipe.unet)
+
+
+def test_no_warning_spam(pipe, caplog):
+    with caplog.at_level(logging.WARNING), tokred.patched(pipe, "toma", sites=["attn1", "attn2", "ff"]):
+        generate(pipe)
+    assert not [r for r in caplog.records if "cross_attention_kwargs" in r.getMessage()]
+    assert not [r for r in caplog.records if r.name.startswith("tokred")]
+
+
+def test_bare_sdxl_unet_and_half_precision():
+    unet = unet_from_config(TINY_SDXL_UNET_CONFIG)
+    sample, t, ehs, kwargs = unet_inputs(unet)
+    with torch.no_grad():
+        base = unet(sample, t, ehs, **kwargs).sample
+        with tokred.patched(unet, "toma") as patch:
+            out = unet(sample, t, ehs, **kwargs).sample
+        assert patch.adapter == "sdxl"
+        assert torch.isfinite(out).all() and not torch.equal(out, base)
+        assert torch.equal(unet(sample, t, ehs, **kwargs).sample, base)
+        for dtype in (torch.bfloat16, torch.float16):
+            half = unet_from_config(TINY_SDXL_UNET_CONFIG, dtype=dtype)
+            s, t, e, kw = unet_inputs(half, dtype=dtype)
+            try:
+                reference = half(s, t, e, **kw).sample
+            except RuntimeError as exc:  # some CPUs lack kernels for a dtype: then there is nothing to compare
+                pytest.fail(f"{dtype} UNet does not run on this CPU: {exc}")
+            with tokred.patched(half, "toma"):
+                reduced = half(s, t, e, **kw).sample
+            assert reduced.dtype == dtype and torch.isfinite(reduced).all()
+            assert not torch.equal(reduced, reference)
+
+
+def test_sd1_layout_unet():
+    unet = unet_from_config(TINY_SD1_UNET_CONFIG)
+    sample, t, ehs, _ = unet_inputs(unet, height=32, width=24)
+    with torch.no_grad():
+        base = unet(sample, t, ehs).sample
+        with tokred.patched(unet, "toma") as patch:
+            out = unet(sample, t, ehs).sample
+            grids = {key[2] for key in patch.engine._plans}
+    assert (32, 24) in grids  # SD 1.x attends at the full latent size
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+
+
+def test_bare_transformer_2d_model():
+    from diffusers import Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Transformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=16,
+        num_layers=2,
+        cross_attention_dim=12,
+        norm_num_groups=8,
+        use_linear_projection=True,
+    ).eval()
+    x = torch.randn(2, 16, 12, 10)
+    ehs = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        base = model(x, encoder_hidden_states=ehs).sample
+        with tokred.patched(model, "toma", ratio=0.5) as patch:
+            out = model(x, encoder_hidden_states=ehs).sample
+    assert out.shape == base.shape and not torch.equal(out, base)
+    assert patch.stats.total.tokens_in == 2 * 120 and patch.stats.total.tokens_out == 2 * 60
+
+
+def test_unsupported_model_gets_a_clear_error():
+    with pytest.raises(TokredError) as info:
+        tokred.apply(torch.nn.Linear(3, 3))
+    assert str(info.value).startswith("no tokred adapter handles Linear; available adapters: ")
+    assert "sdxl" in str(info.value)
+    with pytest.raises(TokredError, match="cannot patch a dict"):
+        tokred.apply({"unet": 1})
+
+
+def test_pipeline_component_is_found(pipe):
+    patch = tokred.apply(pipe, "toma")
+    try:
+        assert patch.model is pipe.unet
+        assert "active=True" in repr(patch)
+    finally:
+        patch.remove()
+
+
+def test_torch_compile_sees_no_graph_break_inside_a_site():
+    """dynamo's explain on the patched tiny UNet, once plans exist: the only break is the step counter reading
+    the timestep at the model's entry, never inside a site (tomesd 0.1.3 breaks 29 times on this UNet)."""
+    import torch._dynamo as dynamo
+
+    unet = unet_from_config(TINY_SDXL_UNET_CONFIG)
+    sample, t, ehs, kwargs = unet_inputs(unet)
+    with torch.no_grad(), tokred.patched(unet, "toma", sites=["attn1", "attn2", "ff"]):
+        unet(sample, t, ehs, **kwargs)  # builds the plans
+        dynamo.reset()
+        explanation = dynamo.explain(unet)(sample, t, ehs, **kwargs)
+    dynamo.reset()
+    where = [[f"{frame.filename}:{frame.name}" for frame in reason.user_stack] for reason in explanation.break_reasons]
+    assert explanation.graph_break_count <= 1, where
+    for stack in where:
+        assert any("engine.py:begin_model_call" in frame for frame in stack), stack
+        assert not any("plan.py" in frame or "plan_for" in frame for frame in stack)

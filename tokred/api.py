@@ -1,0 +1,149 @@
+"""The public patch API: ``apply``, ``remove``, ``patched`` and :class:`Patch`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from tokred.config import ConfigSource
+from tokred.engine import Engine, Stats
+from tokred.errors import TokredError
+from tokred.registry import Registries
+from tokred.strategies.base import SiteInfo
+from tokred.strategy import Strategy, resolve_strategy
+
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+
+
+def find_denoiser(target: Any) -> torch.nn.Module:
+    """The model to patch: ``target`` itself if it is a module, else its ``unet`` or ``transformer``."""
+    if isinstance(target, torch.nn.Module):
+        return target
+    for name in DENOISER_ATTRIBUTES:
+        module = getattr(target, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise TokredError(
+        f"cannot patch a {type(target).__qualname__}: expected a diffusers pipeline with a "
+        f"{' or '.join(DENOISER_ATTRIBUTES)} component, or a denoiser model (torch.nn.Module)"
+    )
+
+
+class Patch:
+    """tokred applied to one model: its engine, sites and statistics. ``remove()`` undoes it exactly."""
+
+    def __init__(self, model: torch.nn.Module, adapter: str, engine: Engine, sites: list[SiteInfo]) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.engine = engine
+        self.sites = sites
+
+    @property
+    def config(self):  # type: ignore[no-untyped-def]
+        return self.engine.strategy.config
+
+    @property
+    def stats(self) -> Stats:
+        """Per-site and total counters: calls, tokens in/out, plan builds and reuses, build time."""
+        return self.engine.stats
+
+    @property
+    def active(self) -> bool:
+        from tokred.adapters.hooks import tokred_hooks
+
+        return any(getattr(hook, "engine", None) is self.engine for _, _, hook in tokred_hooks(self.model))
+
+    def reset(self) -> None:
+        """Zero the statistics and forget the step count and cached plans."""
+        self.engine.reset()
+
+    def remove(self) -> None:
+        """Remove this patch's hooks (a no-op when another patch already replaced it)."""
+        from tokred.adapters.hooks import remove_hooks
+
+        remove_hooks(self.model, self.engine)
+
+    def __repr__(self) -> str:
+        return (
+            f"Patch(model={type(self.model).__name__}, adapter={self.adapter!r}, sites={len(self.sites)}, "
+            f"ratio={self.config.ratio}, mode={self.config.mode!r}, active={self.active})"
+        )
+
+
+def _registries(registries: Registries | None) -> Registries:
+    if registries is not None:
+        return registries
+    from tokred.plugins import default_registries
+
+    return default_registries()
+
+
+def resolve_adapter_name(model: torch.nn.Module, registries: Registries) -> str:
+    pm = registries.plugin_manager
+    name = pm.hook.resolve_adapter(model=model) if pm is not None else None
+    if name is None:
+        available = ", ".join(registries["adapter"].names()) or "none"
+        raise TokredError(f"no tokred adapter handles {type(model).__qualname__}; available adapters: {available}")
+    return name
+
+
+def apply(
+    target: Any,
+    config: ConfigSource | Strategy = "toma",
+    *,
+    registries: Registries | None = None,
+    time_plans: bool = False,
+    **overrides: Any,
+) -> Patch:
+    """Apply a token-reduction strategy to a diffusers pipeline or denoiser; replaces any earlier patch.
+
+    Args:
+        target: a pipeline (its ``unet`` or ``transformer`` is patched) or a denoiser model.
+        config: a preset name, YAML path, mapping, run config or strategy.
+        registries: the parts to use (the installed plugins by default).
+        time_plans: measure the time spent building plans (synchronises CUDA around each build).
+        overrides: config values, e.g. ``ratio=0.3``.
+
+    Example:
+        >>> patch = tokred.apply(pipe, "toma", ratio=0.5)
+        >>> image = pipe(prompt).images[0]
+        >>> patch.stats.total.plan_reuses
+        >>> tokred.remove(pipe)
+    """
+    registries = _registries(registries)
+    model = find_denoiser(target)
+    adapter_name = resolve_adapter_name(model, registries)
+    adapter = registries.part("adapter", adapter_name).build()
+    strategy = resolve_strategy(config, registries, **overrides)
+    remove(model)
+    engine = Engine(strategy, time_plans=time_plans)
+    sites = adapter.attach(model, engine, strategy.config)
+    if not sites:
+        remove(model)
+        raise TokredError(
+            f"adapter {adapter_name!r} found no site in {type(model).__qualname__} for sites "
+            f"{list(strategy.config.sites)}"
+        )
+    return Patch(model, adapter_name, engine, sites)
+
+
+def remove(target: Any) -> bool:
+    """Remove every tokred hook from the pipeline or model; True if there was any."""
+    from tokred.adapters.hooks import remove_hooks
+
+    return remove_hooks(find_denoiser(target)) > 0
+
+
+@contextlib.contextmanager
+def patched(
+    target: Any, config: ConfigSource | Strategy = "toma", *, registries: Registries | None = None, **overrides: Any
+) -> Iterator[Patch]:
+    """``with tokred.patched(pipe, "toma", ratio=0.5) as patch: ...`` — removed on exit, even on error."""
+    patch = apply(target, config, registries=registries, **overrides)
+    try:
+        yield patch
+    finally:
+        patch.remove()

@@ -1,0 +1,182 @@
+"""Side-by-side comparison of methods on one model and one input, measured in one run.
+
+Each method is attached, the model is called, and the method is detached, in interleaved rounds (A B C A B C
+…), so every ratio compares measurements taken under the same conditions. A first, untimed round records each
+method's output (deviation from the baseline's) and FLOPs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokred.flops import count_flops
+from tokred.timing import median
+
+
+@dataclass
+class Method:
+    """One way of running the model: the baseline, a tokred config, or a peer (tomesd)."""
+
+    name: str
+    kind: str = "tokred"  # baseline | tokred | tomesd
+    config: Any = None  # tokred: preset / mapping / config; tomesd: keyword arguments of apply_patch
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def attach(self, model: torch.nn.Module) -> Any:
+        if self.kind == "baseline":
+            return None
+        if self.kind == "tomesd":
+            import tomesd
+
+            tomesd.apply_patch(model, **(self.config or {}))
+            return None
+        import tokred
+
+        return tokred.apply(model, self.config, time_plans=True, **self.overrides)
+
+    def detach(self, model: torch.nn.Module, handle: Any) -> None:
+        if self.kind == "tomesd":
+            import tomesd
+
+            tomesd.remove_patch(model)
+        elif handle is not None:
+            handle.remove()
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: float  # median per call
+    flops: int
+    deviation: float  # ||out - baseline|| / ||baseline||
+    speedup: float = 1.0
+    flop_speedup: float = 1.0
+    plan_seconds: float = 0.0  # median time building plans per call (tokred only)
+    tokens_kept: float = 1.0  # tokens_out / tokens_in over merged calls (tokred only)
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def efficiency(self) -> float:
+        """Measured speedup / FLOP-model speedup."""
+        return self.speedup / self.flop_speedup if self.flop_speedup else float("nan")
+
+    @property
+    def plan_share(self) -> float:
+        return self.plan_seconds / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seconds": self.seconds,
+            "speedup": self.speedup,
+            "flops": self.flops,
+            "flop_speedup": self.flop_speedup,
+            "efficiency": self.efficiency,
+            "deviation": self.deviation,
+            "plan_seconds": self.plan_seconds,
+            "plan_share": self.plan_share,
+            "tokens_kept": self.tokens_kept,
+            "times": self.times,
+        }
+
+
+def _output_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "sample"):
+        return output.sample
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    raise TypeError(f"cannot find a tensor in a {type(output).__name__}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare(
+    model: torch.nn.Module,
+    call: Callable[[], Any],
+    methods: Sequence[Method],
+    *,
+    repeats: int = 3,
+    progress: Callable[[str], object] | None = None,
+) -> list[Row]:
+    """Compare ``methods`` (the first must be the baseline) on ``call()``; medians over ``repeats`` rounds."""
+    if not methods or methods[0].kind != "baseline":
+        raise ValueError("the first method must be the baseline")
+    device = next(model.parameters()).device
+    outputs: dict[str, Tensor] = {}
+    flops: dict[str, int] = {}
+    kept: dict[str, float] = {}
+    for method in methods:  # untimed: outputs, FLOPs, and warm-up
+        handle = method.attach(model)
+        try:
+            with torch.no_grad():
+                result, flops[method.name] = count_flops(call)
+            outputs[method.name] = _output_tensor(result).float()
+            if handle is not None:
+                kept[method.name] = handle.stats.total.kept_fraction
+        finally:
+            method.detach(model, handle)
+        if progress is not None:
+            progress(f"{method.name}: outputs and FLOPs")
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    plan_times: dict[str, list[float]] = {m.name: [] for m in methods}
+    for round_index in range(repeats):
+        for method in methods:
+            handle = method.attach(model)
+            try:
+                _sync(device)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    call()
+                _sync(device)
+                times[method.name].append(time.perf_counter() - start)
+                if handle is not None:
+                    plan_times[method.name].append(handle.stats.total.build_seconds)
+            finally:
+                method.detach(model, handle)
+            if progress is not None:
+                progress(f"round {round_index + 1}/{repeats}: {method.name}")
+    base = outputs[methods[0].name]
+    base_time = median(times[methods[0].name])
+    base_flops = flops[methods[0].name]
+    rows = []
+    for method in methods:
+        out = outputs[method.name]
+        seconds = median(times[method.name])
+        rows.append(
+            Row(
+                name=method.name,
+                seconds=seconds,
+                flops=flops[method.name],
+                deviation=float((out - base).norm() / base.norm().clamp_min(1e-30)),
+                speedup=base_time / seconds,
+                flop_speedup=base_flops / flops[method.name] if flops[method.name] else float("nan"),
+                plan_seconds=median(plan_times[method.name]) if plan_times[method.name] else 0.0,
+                tokens_kept=kept.get(method.name, 1.0),
+                times=times[method.name],
+            )
+        )
+    return rows
+
+
+def format_rows(rows: Sequence[Row]) -> str:
+    lines = [
+        f"{'method':<14} {'time s':>8} {'speedup':>8} {'FLOP model':>10} {'efficiency':>10} {'deviation':>10} "
+        f"{'plan share':>10}"
+    ]
+    for row in rows:
+        lines.append(
+            f"{row.name:<14} {row.seconds:>8.3f} {row.speedup:>7.2f}x {row.flop_speedup:>9.2f}x "
+            f"{row.efficiency:>10.2f} {row.deviation:>10.4f} {100 * row.plan_share:>9.1f}%"
+        )
+    return "\n".join(lines)
