@@ -247,3 +247,55 @@ def test_torch_compile_sees_no_graph_break_inside_a_site():
     for stack in where:
         assert any("engine.py:begin_model_call" in frame for frame in stack), stack
         assert not any("plan.py" in frame or "plan_for" in frame for frame in stack)
+
+
+def test_failed_apply_leaves_nothing_behind_and_keeps_the_earlier_patch(pipe):
+    earlier = tokred.apply(pipe, "toma")
+    count = len(tokred_hooks(pipe.unet))
+    with pytest.raises(ConfigError):
+        tokred.apply(pipe, "todo", sites=["attn1", "ff"])
+    assert earlier.active and len(tokred_hooks(pipe.unet)) == count
+    earlier.remove()
+
+
+def test_one_step_runs_never_reuse_the_previous_image_plan(pipe):
+    with tokred.patched(pipe, "toma") as patch:
+        generate(pipe, steps=1, seed=0)
+        generate(pipe, steps=1, seed=1)
+        assert patch.stats.total.plan_builds == 2 * 2  # two stages, fresh in each run
+    assert "set_timesteps" not in pipe.scheduler.__dict__  # the run watcher is gone with the patch
+
+
+def test_plans_stay_float32_under_autocast():
+    unet = unet_from_config(TINY_SDXL_UNET_CONFIG)
+    sample, t, ehs, kwargs = unet_inputs(unet)
+    with torch.no_grad(), tokred.patched(unet, "toma") as patch, torch.autocast("cpu", dtype=torch.bfloat16):
+        unet(sample, t, ehs, **kwargs)
+        plans = [cached.plan for cached in patch.engine._plans.values()]
+    assert plans and all(plan.merge_weights.dtype == torch.float32 for plan in plans)
+
+
+def test_chunked_feed_forward_and_fused_qkv_run_unchanged_where_they_must():
+    unet = unet_from_config(TINY_SDXL_UNET_CONFIG)
+    sample, t, ehs, kwargs = unet_inputs(unet)
+    from diffusers.models.attention import BasicTransformerBlock
+
+    for block in unet.modules():
+        if isinstance(block, BasicTransformerBlock):
+            block.set_chunk_feed_forward(8, dim=1)  # chunks of 8 tokens: no grid here is that small
+    with torch.no_grad(), tokred.patched(unet, "toma", sites=["attn1", "ff"]) as patch:
+        out = unet(sample, t, ehs, **kwargs).sample
+    ff = [s for name, s in patch.stats.sites.items() if name.endswith(".ff")]
+    assert torch.isfinite(out).all() and ff and all(s.merged_calls == 0 for s in ff)  # chunks are not grids
+    fused = unet_from_config(TINY_SDXL_UNET_CONFIG)
+    fused.fuse_qkv_projections()
+    with torch.no_grad(), tokred.patched(fused, "todo") as patch:
+        out = fused(sample, t, ehs, **kwargs).sample
+    assert torch.isfinite(out).all() and patch.stats.total.merged_calls == 0
+
+
+def test_a_compiled_model_is_patched_through_its_original_module():
+    unet = unet_from_config(TINY_SDXL_UNET_CONFIG)
+    compiled = torch.compile(unet)
+    with tokred.patched(compiled, "toma") as patch:
+        assert patch.model is unet

@@ -13,7 +13,7 @@ import tokred
 from tokred.config import list_presets, load_config
 from tokred.errors import ConfigError
 from tokred.plugins import default_registries
-from tokred.strategies.base import SiteInfo
+from tokred.strategies.base import SiteInfo, destination_counts
 from tokred.strategies.facility_location import facility_location_objective, nonnegative_similarity
 from tokred.strategies.localities import stripe_layout, tile_layout
 from tokred.strategies.schedules import IndexSet
@@ -44,7 +44,8 @@ def test_every_shipped_preset_validates_and_plans():
     for name in list_presets():
         config = load_config(name, registries=REG)
         plan = tokred.make_plan(x, (16, 12), name, registries=REG)
-        assert plan.num_destinations == round(192 * (1 - config.ratio)) or config.locality.name == "tiles"
+        layout = REG.build("locality", config.locality).partition((16, 12))
+        assert plan.num_destinations == int(destination_counts(layout.counts, config.ratio).sum())
         assert plan.unmerge(plan.merge(x)).shape == x.shape
 
 
@@ -274,3 +275,36 @@ def test_interval_schedule_decisions():
     assert schedule.share_key(site, (64, 64)) != schedule.share_key(site, (32, 32))
     per_site = REG.build("schedule", {"name": "interval", "share": "site"})
     assert per_site.share_key(site, (8, 8)) != per_site.share_key(other, (8, 8))
+
+
+def test_plain_run_config_and_options_on_default_parts():
+    plan = tokred.make_plan(smooth_tokens((8, 8), 1, 4, 0), (8, 8), tokred.RunConfig(ratio=0.25))
+    assert plan.num_destinations == 48
+    config = load_config({"ratio": 0.3}, overrides=["merge.temperature=5"], registries=REG)
+    assert (config.merge.name, config.merge.temperature) == ("attention", 5.0)
+    with pytest.raises(ConfigError, match="each site at most once; repeated: attn1"):
+        load_config("toma", overrides=["sites=[attn1,attn1]"], registries=REG)
+
+
+def test_grid_random_offset_covers_every_cell_on_uneven_grids():
+    x = smooth_tokens((5, 5), 1, 4, 0)
+    for seed in range(20):
+        plan = tokred.make_plan(
+            x,
+            (5, 5),
+            {
+                "selector": {"name": "grid", "random_offset": True, "seed": seed},
+                "ratio": 1 - 9 / 25,
+                "locality": "global",
+            },
+        )
+        rows, cols = plan.destinations[0] // 5, plan.destinations[0] % 5
+        assert plan.num_destinations == 9
+        assert torch.equal(((rows // 2) * 3 + cols // 2).sort().values, torch.arange(9))
+
+
+def test_salt_varies_random_draws_reproducibly():
+    x = smooth_tokens((8, 8), 1, 4, 0)
+    strategy = resolve_strategy("random")
+    first, again, other = (strategy.plan(x, (8, 8), salt=s).destinations for s in (0, 0, 1))
+    assert torch.equal(first, again) and not torch.equal(first, other)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,14 +19,19 @@ from tokred.strategy import Strategy, resolve_strategy
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``torch.compile`` wrapper holds (hooks go on it; the wrapper recompiles around them)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def find_denoiser(target: Any) -> torch.nn.Module:
     """The model to patch: ``target`` itself if it is a module, else its ``unet`` or ``transformer``."""
     if isinstance(target, torch.nn.Module):
-        return target
+        return _unwrap(target)
     for name in DENOISER_ATTRIBUTES:
         module = getattr(target, name, None)
         if isinstance(module, torch.nn.Module):
-            return module
+            return _unwrap(module)
     raise TokredError(
         f"cannot patch a {type(target).__qualname__}: expected a diffusers pipeline with a "
         f"{' or '.join(DENOISER_ATTRIBUTES)} component, or a denoiser model (torch.nn.Module)"
@@ -35,11 +41,14 @@ def find_denoiser(target: Any) -> torch.nn.Module:
 class Patch:
     """tokred applied to one model: its engine, sites and statistics. ``remove()`` undoes it exactly."""
 
-    def __init__(self, model: torch.nn.Module, adapter: str, engine: Engine, sites: list[SiteInfo]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, adapter: str, engine: Engine, sites: list[SiteInfo], scheduler: Any = None
+    ) -> None:
         self.model = model
         self.adapter = adapter
         self.engine = engine
         self.sites = sites
+        self.scheduler = scheduler  # the pipeline's scheduler, whose set_timesteps marks a new run
 
     @property
     def config(self):  # type: ignore[no-untyped-def]
@@ -65,6 +74,7 @@ class Patch:
         from tokred.adapters.hooks import remove_hooks
 
         remove_hooks(self.model, self.engine)
+        _unwatch_runs(self.scheduler, self.engine)
 
     def __repr__(self) -> str:
         return (
@@ -113,27 +123,61 @@ def apply(
         >>> patch.stats.total.plan_reuses
         >>> tokred.remove(pipe)
     """
+    from tokred.adapters.hooks import remove_hooks
+
     registries = _registries(registries)
     model = find_denoiser(target)
     adapter_name = resolve_adapter_name(model, registries)
     adapter = registries.part("adapter", adapter_name).build()
     strategy = resolve_strategy(config, registries, **overrides)
-    remove(model)
+    adapter.check(strategy.config)  # a config the adapter refuses leaves any earlier patch in place
+    remove(target)
     engine = Engine(strategy, time_plans=time_plans)
-    sites = adapter.attach(model, engine, strategy.config)
-    if not sites:
-        remove(model)
-        raise TokredError(
-            f"adapter {adapter_name!r} found no site in {type(model).__qualname__} for sites "
-            f"{list(strategy.config.sites)}"
-        )
-    return Patch(model, adapter_name, engine, sites)
+    try:
+        sites = adapter.attach(model, engine, strategy.config)
+        if not sites:
+            raise TokredError(
+                f"adapter {adapter_name!r} found no site in {type(model).__qualname__} for sites "
+                f"{list(strategy.config.sites)}"
+            )
+    except BaseException:
+        remove_hooks(model, engine)  # nothing half-applied stays behind
+        raise
+    scheduler = _watch_runs(target, engine)
+    return Patch(model, adapter_name, engine, sites, scheduler)
+
+
+def _watch_runs(target: Any, engine: Engine) -> Any:
+    """Have the pipeline's ``scheduler.set_timesteps`` (called once at the start of every pipeline call) tell the
+    engine that a new run starts, so even one-step runs never reuse the previous image's plans. Returns the
+    scheduler, or None when ``target`` is a bare model (then runs are told apart by their timesteps alone)."""
+    scheduler = getattr(target, "scheduler", None)
+    original = getattr(scheduler, "set_timesteps", None)
+    if isinstance(target, torch.nn.Module) or original is None:
+        return None
+
+    @functools.wraps(original)
+    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        engine.new_run()
+        return original(*args, **kwargs)
+
+    set_timesteps._tokred_engine = engine  # type: ignore[attr-defined]
+    scheduler.set_timesteps = set_timesteps
+    return scheduler
+
+
+def _unwatch_runs(scheduler: Any, engine: Engine | None = None) -> None:
+    wrapper = getattr(scheduler, "__dict__", {}).get("set_timesteps")
+    owner = getattr(wrapper, "_tokred_engine", None)
+    if owner is not None and (engine is None or owner is engine):
+        del scheduler.__dict__["set_timesteps"]
 
 
 def remove(target: Any) -> bool:
     """Remove every tokred hook from the pipeline or model; True if there was any."""
     from tokred.adapters.hooks import remove_hooks
 
+    _unwatch_runs(getattr(target, "scheduler", None))
     return remove_hooks(find_denoiser(target)) > 0
 
 

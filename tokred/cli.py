@@ -154,6 +154,46 @@ def cmd_bench_sdxl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_flux(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from tokred import bench_flux
+    from tokred.compare import format_rows
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = _prepare_out(args.out)
+    double, single = (0, 1) if args.target == "block" else (args.double, args.single)
+    methods = bench_flux.flux_methods(args.ratio)
+    bar = tqdm(total=len(methods) * (args.repeats + 1), desc=f"bench-flux {args.target}", disable=args.quiet)
+
+    def progress(label: str) -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+
+    try:
+        rows, setup = bench_flux.bench_flux(
+            double=double,
+            single=single,
+            size=args.size,
+            text_len=args.text_len,
+            ratio=args.ratio,
+            repeats=args.repeats,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    setup.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    text = f"tokred bench-flux {args.target}: {json.dumps(setup)}\n\n{format_rows(rows)}"
+    print(text)
+    (out_dir / f"bench_flux_{args.target}.json").write_text(
+        json.dumps({"setup": setup, "rows": [row.as_dict() for row in rows]}, indent=2)
+    )
+    (out_dir / f"bench_flux_{args.target}.txt").write_text(text + "\n")
+    return 0
+
+
 def _prepare_out(path: str) -> Path:
     out = Path(path)
     try:
@@ -218,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     sdxl.add_argument("--out", default="tokred-out/bench-sdxl")
     sdxl.add_argument("--quiet", action="store_true")
     sdxl.set_defaults(func=cmd_bench_sdxl)
+
+    flux = commands.add_parser(
+        "bench-flux", help="Flux at real width (random weights): one single block, or a reduced-depth transformer"
+    )
+    flux.add_argument("target", choices=["block", "model"])
+    flux.add_argument("--double", type=int, default=2, help="double blocks of the reduced-depth model")
+    flux.add_argument("--single", type=int, default=4, help="single blocks of the reduced-depth model")
+    flux.add_argument("--size", type=int, default=1024, help="image size (image tokens: (size/16)^2)")
+    flux.add_argument("--text-len", type=int, default=512)
+    flux.add_argument("--ratio", type=float, default=0.5)
+    flux.add_argument("--repeats", type=int, default=3)
+    flux.add_argument("--threads", type=int, default=0)
+    flux.add_argument("--out", default="tokred-out/bench-flux")
+    flux.add_argument("--quiet", action="store_true")
+    flux.set_defaults(func=cmd_bench_flux)
     return parser
 
 

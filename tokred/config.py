@@ -31,6 +31,7 @@ from pydantic import (
     Tag,
     ValidationError,
     create_model,
+    field_validator,
 )
 
 from tokred.errors import ConfigError, ConfigIssue, TokredError, UnknownPartError
@@ -65,8 +66,18 @@ class RunConfig(BaseModel):
         description="tokens: the sub-layer runs on the merged tokens, then unmerges; kv: only keys/values are reduced",
     )
     sites: tuple[Site, ...] = Field(
-        ("attn1",), description="sub-layers reduced: attn1 (self-attention), attn2 (cross-attention), ff"
+        ("attn1",),
+        min_length=1,
+        description="sub-layers reduced: attn1 (self-attention), attn2 (cross-attention), ff",
     )
+
+    @field_validator("sites")
+    @classmethod
+    def _distinct_sites(cls, sites: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({site for site in sites if sites.count(site) > 1})
+        if repeated:
+            raise ValueError(f"each site at most once; repeated: {', '.join(repeated)}")
+        return sites
 
 
 def _part_tag(value: Any) -> str | None:
@@ -277,10 +288,18 @@ def load_config(
 
 
 def validate_config(data: Mapping[str, Any], registries: Registries) -> RunConfig:
-    """Validate a plain mapping against the run config model of ``registries``."""
+    """Validate a plain mapping against the run config model of ``registries``.
+
+    A part section with options but no ``name`` (``merge.temperature=5`` alone) applies to the default part.
+    """
     model = run_config_model(registries)
+    data = dict(data)
+    for key, kind in PART_FIELDS.items():
+        section, default = data.get(key), DEFAULT_PART_NAMES.get(key)
+        if isinstance(section, Mapping) and "name" not in section and default in registries[kind]:
+            data[key] = {"name": default, **section}
     try:
-        return model.model_validate(dict(data))
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_issues(exc, data, registries)) from None
 

@@ -117,6 +117,12 @@ class Engine:
             self.stats.steps += 1
         self._last_timestep = value
 
+    def new_run(self) -> None:
+        """A new denoising run starts (a pipeline set its scheduler's timesteps): steps count from 0 again."""
+        self.step = 0
+        self._last_timestep = None
+        self._plans.clear()
+
     def reset(self) -> None:
         """Forget the step count and cached plans, and zero the statistics."""
         self.step = 0
@@ -130,8 +136,8 @@ class Engine:
         """The plan this site applies to ``tokens`` (B, N, C) now, or ``None`` to run it unchanged."""
         stats = self.stats.site(site.name)
         stats.calls += 1
-        if grid is None or not self.schedule.merges(self.step, site):
-            return None
+        if grid is None or tokens.shape[1] != grid[0] * grid[1] or not self.schedule.merges(self.step, site):
+            return None  # not a merging step or block, or not the whole grid (a chunked feed-forward, say)
         key = self.schedule.share_key(site, grid)
         signature = (tokens.shape[0], tokens.shape[1], tokens.device, share_batch)
         cached = self._plans.get(key)
@@ -154,15 +160,15 @@ class Engine:
 
     def _build(self, tokens: Tensor, grid: tuple[int, int], share_batch: bool, stats: SiteStats) -> MergePlan:
         stats.plan_builds += 1
-        if not self.time_plans:
-            with torch.no_grad():
-                return self.strategy.plan(tokens.detach(), grid, share_batch=share_batch)
-        if tokens.device.type == "cuda":
+        timed = self.time_plans
+        if timed and tokens.device.type == "cuda":
             torch.cuda.synchronize(tokens.device)
         start = time.perf_counter()
-        with torch.no_grad():
-            plan = self.strategy.plan(tokens.detach(), grid, share_batch=share_batch)
-        if tokens.device.type == "cuda":
-            torch.cuda.synchronize(tokens.device)
-        stats.build_seconds += time.perf_counter() - start
+        # plans are float32 by design: autocast must not turn the similarity products into half precision
+        with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
+            plan = self.strategy.plan(tokens.detach(), grid, share_batch=share_batch, salt=self.step)
+        if timed:
+            if tokens.device.type == "cuda":
+                torch.cuda.synchronize(tokens.device)
+            stats.build_seconds += time.perf_counter() - start
         return plan

@@ -160,3 +160,80 @@ def tiny_sdxl_pipeline(*, text_encoders: bool = True, seed: int = 0):  # type: i
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+TINY_FLUX_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 3,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 4, 8),
+}
+
+#: FLUX.1-dev's transformer: 19 double and 38 single blocks, 24 heads × 128
+FLUX_DEV_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
+def flux_transformer(config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, **changes: Any):  # type: ignore[no-untyped-def]
+    """A FluxTransformer2DModel from ``config`` (with ``changes``, e.g. fewer layers), random weights."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**{**config, **changes}).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def tiny_flux_pipeline(*, text_encoders: bool = True, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A FluxPipeline with the Flux layout at test widths."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    transformer = flux_transformer(TINY_FLUX_CONFIG, seed=seed)
+    te1 = te2 = tok1 = tok2 = None
+    if text_encoders:
+        from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+        torch.manual_seed(seed + 1)
+        te1 = CLIPTextModel(tiny_clip_config()).eval()
+        te2 = T5EncoderModel(
+            T5Config(
+                vocab_size=1000,
+                d_model=32,
+                d_ff=37,
+                d_kv=8,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        ).eval()
+        tok1, tok2 = clip_tokenizer(), t5_tokenizer()
+    torch.manual_seed(seed + 2)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(0.3611, 0.1159),
+        transformer=transformer,
+        text_encoder=te1,
+        tokenizer=tok1,
+        text_encoder_2=te2,
+        tokenizer_2=tok2,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -132,11 +132,16 @@ def build_plan(
     ratio: float,
     generator: torch.Generator | None = None,
     share_batch: bool = False,
+    identity_shortcut: bool = True,
+    salt: int = 0,
 ) -> MergePlan:
     """Choose destinations and compute the maps for ``tokens`` (B, N, C) on an h×w ``grid``.
 
     With ``share_batch`` the destinations are chosen once from batch-pooled features and shared by every
     batch element (for positional tables without a batch dimension); the merge weights stay per sample.
+    When every token would be kept, the identity plan is returned, unless ``identity_shortcut`` is False
+    (then real maps are built: useful to test the paths that apply them). ``salt`` varies the draws of random
+    selectors reproducibly (the engine passes the step).
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, N, C), got shape {tuple(tokens.shape)}")
@@ -148,17 +153,18 @@ def build_plan(
         raise ValueError(f"ratio must satisfy 0 <= ratio < 1, got {ratio}")
     layout = locality.partition(grid)
     kept = destination_counts(layout.counts, ratio)
-    if bool((kept == layout.counts).all()):
+    if identity_shortcut and bool((kept == layout.counts).all()):
         return identity_plan(grid, batch, tokens.device)
     layout = layout.to(tokens.device)
     kept = kept.to(tokens.device)
     features = group_tokens(tokens, layout)
     if share_batch and batch > 1:
         pooled = F.normalize(features, dim=-1).mean(0, keepdim=True)
-        destinations = selector.select(SelectionContext(pooled, layout, kept, generator)).expand(batch, -1, -1)
+        pooled_ctx = SelectionContext(pooled, layout, kept, generator, salt=salt)
+        destinations = selector.select(pooled_ctx).expand(batch, -1, -1)
     else:
         destinations = None
-    ctx = SelectionContext(features, layout, kept, generator)
+    ctx = SelectionContext(features, layout, kept, generator, salt=salt)
     if destinations is None:
         destinations = selector.select(ctx)
     expected = (batch, layout.num_groups, ctx.max_destinations)

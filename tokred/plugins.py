@@ -59,6 +59,12 @@ def _load_entry_points(pm: TokredPluginManager) -> None:
             continue
         source = f"{dist_name} {dist.version}" if dist is not None else f"entry point {ep.value}"
         if pm.has_plugin(ep.name):
+            warnings.warn(
+                f"tokred plugin {ep.name!r} ({source}) is skipped: a plugin of that name is already loaded "
+                f"({pm.sources.get(ep.name, 'unknown source')})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             continue
         try:
             plugin = ep.load()

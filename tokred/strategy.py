@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokred.config import ConfigSource, RunConfig, load_config
+from tokred.config import ConfigSource, RunConfig, load_config, run_config_model
 from tokred.errors import ConfigError, ConfigIssue
 from tokred.plan import MergePlan, build_plan
 from tokred.registry import Registries
@@ -44,6 +44,7 @@ class Strategy:
         *,
         generator: torch.Generator | None = None,
         share_batch: bool = False,
+        salt: int = 0,
     ) -> MergePlan:
         return build_plan(
             tokens,
@@ -54,6 +55,7 @@ class Strategy:
             ratio=self.config.ratio,
             generator=generator,
             share_batch=share_batch,
+            salt=salt,
         )
 
 
@@ -68,8 +70,8 @@ def resolve_strategy(
 
         registries = default_registries()
     source = config.config if isinstance(config, Strategy) else config
-    if isinstance(source, RunConfig) and not overrides:
-        resolved = source
+    if type(source) is run_config_model(registries) and not overrides:
+        resolved = source  # validated against these registries already
     else:
         resolved = load_config(source, registries=registries, **overrides)
     return Strategy.from_config(resolved, registries)

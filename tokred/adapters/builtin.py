@@ -13,12 +13,23 @@ def _unet_adapter(options: Any) -> Any:
     return UNetAdapter(options)
 
 
+def _flux_adapter(options: Any) -> Any:
+    from tokred.adapters.flux import FluxAdapter
+
+    return FluxAdapter(options)
+
+
 @hookimpl
 def register_adapters(register):  # type: ignore[no-untyped-def]
     register(
         "sdxl",
         _unet_adapter,
         description="SDXL and SD 1.x/2.x UNet2DConditionModel: attn1 / attn2 / ff of every BasicTransformerBlock",
+    )
+    register(
+        "flux",
+        _flux_adapter,
+        description="FluxTransformer2DModel: image tokens of double-block attention / ff and of single blocks",
     )
 
 
@@ -28,6 +39,8 @@ def resolve_adapter(model: Any) -> str | None:
 
     if not isinstance(model, torch.nn.Module):
         return None
-    from tokred.adapters import sdxl
+    from tokred.adapters import flux, sdxl
 
-    return "sdxl" if sdxl.handles(model) else None
+    if sdxl.handles(model):
+        return "sdxl"
+    return "flux" if flux.handles(model) else None

@@ -16,7 +16,6 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import Tensor
 
 from tokred.engine import Engine
-from tokred.plan import MergePlan
 from tokred.strategies.base import SiteInfo
 
 HOOK_PREFIX = "tokred."
@@ -94,10 +93,11 @@ class TokenSiteHook(TokredHook):
 
     role = "site"
 
-    def __init__(self, engine: Engine, site: SiteInfo, cell: GridCell, mode: str) -> None:
+    def __init__(self, engine: Engine, site: SiteInfo, cell: GridCell, mode: str, share_batch: bool = False) -> None:
         super().__init__(engine)
         self.site, self.cell, self.mode = site, cell, mode
-        self._pending: MergePlan | None = None
+        self.share_batch = share_batch  # one set of destinations for the whole batch
+        self._pending: Any = None
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
         self._pending = None
@@ -108,7 +108,9 @@ class TokenSiteHook(TokredHook):
             kwargs.get("attention_mask") is not None or kwargs.get("encoder_hidden_states") is not None
         ):
             return args, kwargs  # a masked or cross-only self-attention: its keys are not these tokens
-        plan = self.engine.plan_for(self.site, hidden, self.cell.grid)
+        if self.mode == "kv" and getattr(module, "fused_projections", False):
+            return args, kwargs  # fused QKV has no separate K/V projection to feed merged tokens to
+        plan = self.engine.plan_for(self.site, hidden, self.cell.grid, share_batch=self.share_batch)
         if plan is None:
             return args, kwargs
         merged = plan.merge(hidden)

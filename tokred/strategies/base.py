@@ -85,8 +85,8 @@ class GroupLayout:
     @cached_property
     def inverse(self) -> Tensor:
         """(N,) the flat slot (g·n + s) of each token: gathering slots with it restores token order."""
-        flat = torch.arange(self.index.numel()).view_as(self.index)
-        inverse = torch.empty(self.num_tokens, dtype=torch.long)
+        flat = torch.arange(self.index.numel(), device=self.index.device).view_as(self.index)
+        inverse = torch.empty(self.num_tokens, dtype=torch.long, device=self.index.device)
         inverse[self.index[self.valid]] = flat[self.valid]
         return inverse
 
@@ -98,7 +98,8 @@ class GroupLayout:
     @cached_property
     def trivial_order(self) -> bool:
         """Slots already list the tokens in row-major order without padding (one group, or row bands)."""
-        return self.regular and bool((self.index.flatten() == torch.arange(self.num_tokens)).all())
+        in_order = torch.arange(self.num_tokens, device=self.index.device)
+        return self.regular and bool((self.index.flatten() == in_order).all())
 
     @cached_property
     def _on_device(self) -> dict[str, GroupLayout]:
@@ -174,7 +175,9 @@ class SelectionContext:
         layout: the :class:`GroupLayout` (on the features' device).
         num_destinations: (G,) destinations to pick in each group.
         max_destinations: the largest of them (d).
-        generator: a seeded ``torch.Generator`` for selectors that draw at random.
+        generator: a seeded ``torch.Generator`` for selectors that draw at random (on the features' device).
+        salt: an integer random selectors mix into their seed when no generator is given (the engine passes
+            the denoising step, so rebuilt plans draw anew, reproducibly).
     """
 
     def __init__(
@@ -183,12 +186,14 @@ class SelectionContext:
         layout: GroupLayout,
         num_destinations: Tensor,
         generator: torch.Generator | None = None,
+        salt: int = 0,
     ) -> None:
         self.features = features
         self.layout = layout
         self.num_destinations = num_destinations
         self.max_destinations = int(num_destinations.max())
         self.generator = generator
+        self.salt = salt
         self._similarity: Tensor | None = None
 
     @property

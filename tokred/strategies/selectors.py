@@ -14,10 +14,10 @@ from tokred.strategies.facility_location import greedy_facility_location, nonneg
 
 
 def _generator(ctx: SelectionContext, seed: int) -> torch.Generator:
-    """The context's generator when the caller passed one (to vary draws over steps), else one from ``seed``."""
+    """The caller's generator when it passed one, else one seeded from ``seed`` and the context's salt."""
     if ctx.generator is not None:
         return ctx.generator
-    return torch.Generator(device=ctx.features.device).manual_seed(seed)
+    return torch.Generator(device=ctx.features.device).manual_seed((seed + 1_000_003 * ctx.salt) % 2**63)
 
 
 class FacilityLocationSelector:
@@ -91,6 +91,12 @@ class GridSelector:
         device = ctx.features.device
         if self.random_offset:
             draw = torch.rand((ctx.batch_size, num_cells, sh * sw), generator=_generator(ctx, self.seed), device=device)
+            # phases that fall outside the grid (edge cells) must rank last, or an edge cell may get nothing
+            phases, cells = torch.arange(sh * sw, device=device), torch.arange(num_cells, device=device)
+            outside = ((cells // cells_w * sh).unsqueeze(1) + phases // sw >= h) | (
+                (cells % cells_w * sw).unsqueeze(1) + phases % sw >= w
+            )
+            draw = draw.masked_fill(outside, 2.0)
             ranks = draw.argsort(-1).argsort(-1)  # a random phase order per cell and batch element
             batch = torch.arange(ctx.batch_size, device=device).view(-1, 1, 1)
             phase_rank = ranks[batch, cell.unsqueeze(0), phase.unsqueeze(0)]
