@@ -251,3 +251,18 @@ def test_destination_counts_round_and_stay_in_bounds(n, ratio):
 def test_layout_rejects_missing_groups():
     with pytest.raises(ValueError, match="contiguous"):
         GroupLayout.from_group_ids((1, 3), torch.tensor([0, 2, 2]))
+
+
+@given(setups())
+def test_sizes_count_the_tokens_each_destination_stands_for(s):
+    plan = plan_for(
+        s["x"], s["grid"], selector=s["selector"], merge=s["merge"], locality=s["locality"], ratio=s["ratio"]
+    )
+    if plan.is_identity:
+        assert plan.sizes is None
+        return
+    assert plan.sizes.shape == plan.destinations.shape and (plan.sizes >= 0).all()
+    torch.testing.assert_close(plan.sizes.sum(-1), torch.full((plan.sizes.shape[0],), float(plan.num_tokens)))
+    # a destination stands for at least its own token in hard merges
+    if s["merge"] != "attention":
+        assert (plan.sizes >= 1).all()

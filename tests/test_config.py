@@ -102,7 +102,7 @@ def test_interpolation_is_resolved(registries, tmp_path):
         ("ratio=-0.1", ["ratio:", "greater than or equal to 0"]),
         ("mode=fast", ["mode:", "'tokens' or 'kv'", "given: 'fast'"]),
         ("sites=[attn3]", ["sites.0:", "'attn1', 'attn2' or 'ff'", "given: 'attn3'"]),
-        ("bogus=1", ["bogus:", "unknown key 'bogus'", "allowed: ratio, mode, sites, selector, merge"]),
+        ("bogus=1", ["bogus:", "unknown key 'bogus'", "allowed: ratio, mode, sites, proportional, model,"]),
         ("selector.bogus=1", ["selector.bogus:", "unknown key 'bogus'", "allowed: name, start"]),
         ("selector.start=7", ["selector.start:", "less than or equal to 1", "given: 7"]),
         ("merge.temperature=-1", ["merge.temperature:", "greater than 0"]),

@@ -299,3 +299,17 @@ def test_a_compiled_model_is_patched_through_its_original_module():
     compiled = torch.compile(unet)
     with tokred.patched(compiled, "toma") as patch:
         assert patch.model is unet
+
+
+def test_proportional_attention_weighs_merged_keys_by_their_size():
+    unet = unet_from_config(TINY_SDXL_UNET_CONFIG)
+    sample, t, ehs, kwargs = unet_inputs(unet)
+    with torch.no_grad():
+        base = unet(sample, t, ehs, **kwargs).sample
+        outs = {}
+        for proportional in (True, False):
+            with tokred.patched(unet, "toma", proportional=proportional):
+                outs[proportional] = unet(sample, t, ehs, **kwargs).sample
+    assert not torch.equal(outs[True], outs[False])
+    deviation = {k: float((v - base).norm() / base.norm()) for k, v in outs.items()}
+    assert deviation[True] < deviation[False]

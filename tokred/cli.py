@@ -194,11 +194,110 @@ def cmd_bench_flux(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_out(path: str) -> Path:
-    out = Path(path)
+def _split_config(positional: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [KEY=VALUE ...]``: the first item is the config unless it is an override."""
+    if positional and "=" not in positional[0]:
+        return positional[0], positional[1:]
+    return None, positional
+
+
+def _bar(args: argparse.Namespace, total: int, desc: str):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=args.quiet, unit="step")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokred.bench import load_bench_config, run_bench
+
+    source, overrides = _split_config(args.config)
+    config = load_bench_config(source, overrides)
+    out_dir = _prepare_out(args.out, run_dir=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bar = _bar(args, len(config.methods) * (config.repeats + 1), "bench")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tokred-write-test"
+        report = run_bench(config, out_dir, progress=lambda label: (bar.set_postfix_str(label), bar.update(1)))
+    finally:
+        bar.close()
+    print(report["text"])
+    print(f"\nwritten to {out_dir}: bench.txt, bench.json, bench.csv, speed_vs_deviation.png, toma_destinations.png")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tokred import sources
+    from tokred.config import load_config
+    from tokred.generate import run_generate
+
+    config = load_config(args.config, overrides=args.overrides)
+    sources.describe(config.model)
+    sources.validate_options(config.model, config.model_options)
+    name = Path(args.config).stem
+    out_dir = _prepare_out(args.out or f"tokred-out/generate/{name}", run_dir=True)
+    print(
+        f"generating {len(config.prompt) if isinstance(config.prompt, list) else 1} image(s) with {config.model}, "
+        f"{config.steps} steps, strategy {name} (ratio {config.ratio})",
+        file=sys.stderr,
+    )
+    record = run_generate(config, out_dir)
+    total = (record.get("stats") or {}).get("total", {})
+    print(
+        f"{out_dir}: {record['seconds']:.2f} s generating, tokens kept "
+        f"{total.get('tokens_out', 0)}/{total.get('tokens_in', 0)}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tokred.evaluate import evaluate, local_feature_extractor, write_eval
+
+    run_dir, baseline = Path(args.run_dir), Path(args.baseline)
+    features = local_feature_extractor(args.features) if args.features else None
+    out_dir = _prepare_out(args.out or f"tokred-out/eval/{run_dir.name}")
+    report = evaluate(run_dir, baseline, features)
+    write_eval(report, out_dir / "eval.json")
+    summary = report["summary"]
+    line = f"{summary['images']} image pairs: PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}"
+    if "fid" in summary:
+        line += f", feature similarity {summary['feature_similarity']:.4f}, FID {summary['fid']:.3f}"
+    print(line)
+    print(f"written: {out_dir / 'eval.json'}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tokred.sweep import expand, load_sweep_config, run_sweep
+
+    source, overrides = _split_config(args.config)
+    config = load_sweep_config(source, overrides)
+    out_dir = _prepare_out(args.out or f"tokred-out/sweep/{Path(source).stem if source else 'default'}")
+    bar = _bar(args, len(expand(config)), "sweep")
+    try:
+        summary = run_sweep(config, out_dir, progress=lambda done, total: (bar.update(1),))
+    finally:
+        bar.close()
+    if summary["rank"] == 0:
+        print(f"{summary['items']} items ({summary['world']} process(es)); written: {out_dir / 'results.csv'}")
+        for row in summary["table"]:
+            quality = f"PSNR {row['psnr']:.2f} SSIM {row['ssim']:.4f}" if "psnr" in row else ""
+            print(
+                f"  {row['id']}  {row['strategy']:<12} ratio {row['ratio']:<4} seed {row['seed']:<3} "
+                f"{row['seconds']:7.2f} s  {quality}"
+            )
+    return 0
+
+
+def _prepare_out(path: str, run_dir: bool = False) -> Path:
+    """Check that results can be written under ``path`` (created if needed); for a run directory, only its
+    parent is created: the run is written to a ``.partial`` sibling and moved into place when complete."""
+    out = Path(path)
+    where = out.parent if run_dir else out
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / ".tokred-write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -258,6 +357,47 @@ def build_parser() -> argparse.ArgumentParser:
     sdxl.add_argument("--out", default="tokred-out/bench-sdxl")
     sdxl.add_argument("--quiet", action="store_true")
     sdxl.set_defaults(func=cmd_bench_sdxl)
+
+    bench = commands.add_parser(
+        "bench",
+        help="the main job: every method side by side on one denoiser (speed, FLOP model, deviation), with plots",
+    )
+    bench.add_argument(
+        "config",
+        nargs="*",
+        metavar="[CONFIG] [KEY=VALUE]",
+        help="a bench YAML (default: the embedded default) and overrides, e.g. repeats=2",
+    )
+    bench.add_argument("--out", default="tokred-out/bench", help="result directory (default tokred-out/bench)")
+    bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=cmd_bench)
+
+    gen = commands.add_parser("generate", help="generate images with a strategy applied; PNGs and a JSON record")
+    gen.add_argument("config", metavar="CONFIG", help="a preset name or a YAML file")
+    gen.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model=tiny:sdxl steps=2")
+    gen.add_argument("--out", default=None, help="result directory (default tokred-out/generate/<CONFIG>)")
+    gen.add_argument("--quiet", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    ev = commands.add_parser("eval", help="PSNR/SSIM (and feature metrics) of a run against same-seed baseline images")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--baseline", required=True, metavar="DIR", help="directory of the baseline images")
+    ev.add_argument(
+        "--features",
+        default=None,
+        metavar="MODEL_DIR",
+        help="a local transformers vision model (DINO, CLIP vision, ViT) for feature similarity and FID",
+    )
+    ev.add_argument("--out", default=None, help="result directory (default tokred-out/eval/<RUN_DIR name>)")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    sw = commands.add_parser("sweep", help="strategies x ratios x seeds x prompts; data-parallel under torchrun")
+    sw.add_argument("config", nargs="*", metavar="[CONFIG] [KEY=VALUE]")
+    sw.add_argument("--out", default=None, help="result directory (default tokred-out/sweep/<CONFIG>)")
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
 
     flux = commands.add_parser(
         "bench-flux", help="Flux at real width (random weights): one single block, or a reduced-depth transformer"

@@ -70,6 +70,24 @@ class RunConfig(BaseModel):
         min_length=1,
         description="sub-layers reduced: attn1 (self-attention), attn2 (cross-attention), ff",
     )
+    proportional: bool = Field(
+        True,
+        description="proportional attention: merged keys get log(tokens they stand for) added to their logits",
+    )
+
+    model: str = Field(
+        "tiny:sdxl",
+        description="model source: tiny:sdxl, tiny:flux, random:sdxl, random:flux, a "
+        "local pipeline directory or a hub id",
+    )
+    model_options: dict[str, Any] = Field(default_factory=dict, description="options of a built-in model source")
+    prompt: str | list[str] = Field("a photo of a squirrel in the snow", description="one prompt or a list")
+    negative_prompt: str | None = None
+    seed: int = Field(0, description="seed of the generator: same seed, same starting noise")
+    steps: int = Field(4, ge=1, description="denoising steps")
+    height: int | None = Field(None, ge=16, description="image height (the source's default when null)")
+    width: int | None = Field(None, ge=16, description="image width (the source's default when null)")
+    guidance_scale: float | None = Field(None, description="the pipeline's default when null")
 
     @field_validator("sites")
     @classmethod
@@ -302,6 +320,28 @@ def validate_config(data: Mapping[str, Any], registries: Registries) -> RunConfi
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_issues(exc, data, registries)) from None
+
+
+def validate_plain(model: type[BaseModel], data: Mapping[str, Any]) -> Any:
+    """Validate ``data`` against a plain pydantic model, with the same people-first errors as run configs."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        issues = []
+        for error in exc.errors():
+            path = ".".join(str(item) for item in error["loc"])
+            if error["type"] == "extra_forbidden":
+                allowed = ", ".join(model.model_fields) if len(error["loc"]) == 1 else ""
+                issues.append(
+                    ConfigIssue(
+                        path, f"unknown key {error['loc'][-1]!r}" + (f"; allowed: {allowed}" if allowed else "")
+                    )
+                )
+            elif error["type"] == "missing":
+                issues.append(ConfigIssue(path, "required, but missing"))
+            else:
+                issues.append(ConfigIssue(path, error["msg"].removeprefix("Value error, "), error.get("input"), True))
+        raise ConfigError(issues) from None
 
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:

@@ -102,6 +102,11 @@ class Engine:
     def mode(self) -> str:
         return self.strategy.config.mode
 
+    @property
+    def proportional(self) -> bool:
+        """Whether merged keys get log(size) added to their attention logits."""
+        return self.strategy.config.proportional
+
     def begin_model_call(self, timestep: Tensor | float | int | None) -> None:
         """Called by the adapter before each forward of the model."""
         self.stats.model_calls += 1

@@ -36,6 +36,9 @@ class MergePlan:
             when the plan is shared by the whole batch.
         num_tokens: N.
         num_destinations: D.
+        sizes: (B, D) float32, how many tokens each destination stands for (sums to N per sample; soft counts
+            for soft merges); ``None`` for the identity plan. Adapters add log(sizes) to the attention logits of
+            merged keys (proportional attention), so a key standing for m tokens weighs as much as they did.
     """
 
     grid: tuple[int, int]
@@ -46,6 +49,7 @@ class MergePlan:
     unmerge_index: Tensor | None = None  # (B, N) destination (0..D-1) each token copies
     dest_slots: Tensor | None = None  # (D,) flat (g·d + k) slot of each destination; None when groups are equal
     slot_dest: Tensor | None = None  # (G·d,) destination of each flat slot; None when groups are equal
+    sizes: Tensor | None = None
     _cast: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -109,6 +113,14 @@ class MergePlan:
         """The dense (B, N, D) unmerge map, float32."""
         eye = torch.eye(self.num_destinations, device=self.destinations.device)
         return self.unmerge(eye.expand(self.destinations.shape[0], -1, -1).contiguous())
+
+    def log_sizes(self, dtype: torch.dtype) -> Tensor:
+        """(B, D) log(sizes) in ``dtype``: the bias of proportional attention (cached per dtype)."""
+        key = ("log_sizes", dtype)
+        if key not in self._cast:
+            assert self.sizes is not None, "the identity plan has no sizes"
+            self._cast[key] = torch.log(self.sizes.clamp_min(1e-6)).to(dtype)
+        return self._cast[key]
 
 
 def identity_plan(grid: tuple[int, int], batch: int = 1, device: torch.device | str | None = None) -> MergePlan:
@@ -191,9 +203,14 @@ def _assemble(
         flat_slot = maps.assignment + (torch.arange(layout.num_groups, device=layout.index.device) * d).view(1, -1, 1)
         dest_of_slot = flat_slot if slot_dest is None else slot_dest[flat_slot]
         unmerge_index = dest_of_slot.flatten(1).index_select(1, layout.inverse)
+    sizes = None
+    if maps.sizes is not None:
+        sizes = maps.sizes.to(torch.float32).flatten(1)
+        sizes = sizes if dest_slots is None else sizes.index_select(1, dest_slots)
     return MergePlan(
         grid=grid,
         destinations=global_destinations,
+        sizes=sizes,
         layout=layout,
         merge_weights=maps.merge,
         unmerge_weights=maps.unmerge,

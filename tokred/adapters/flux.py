@@ -67,6 +67,13 @@ def _shared_destinations(plan: MergePlan) -> Tensor:
     return plan.destinations[0]  # built with share_batch: every row is the same
 
 
+def joint_key_bias(plan: MergePlan, text_len: int, dtype: torch.dtype) -> Tensor:
+    """(B, 1, 1, L+D): 0 on the text keys, log(size) on the merged image keys (proportional attention)."""
+    sizes = plan.log_sizes(dtype)
+    text = sizes.new_zeros(sizes.shape[0], text_len)
+    return torch.cat((text, sizes), dim=1)[:, None, None, :]
+
+
 _ATTENTION_KWARGS = {"hidden_states", "encoder_hidden_states", "image_rotary_emb"}
 
 
@@ -88,7 +95,10 @@ class FluxAttentionSiteHook(TokenSiteHook):
             return args, kwargs
         self._pending = plan
         rope = gather_rope(rope, text.shape[1], _shared_destinations(plan))
-        return args, {**kwargs, "hidden_states": plan.merge(hidden), "image_rotary_emb": rope}
+        kwargs = {**kwargs, "hidden_states": plan.merge(hidden), "image_rotary_emb": rope}
+        if self.engine.proportional:
+            kwargs["attention_mask"] = joint_key_bias(plan, text.shape[1], hidden.dtype)
+        return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         plan, self._pending = self._pending, None
@@ -114,7 +124,10 @@ class FluxSingleBlockSiteHook(TokenSiteHook):
         merged = plan.merge(hidden)
         self._pending = (plan, hidden, merged)
         rope = gather_rope(rope, text.shape[1], _shared_destinations(plan))
-        return args, {**kwargs, "hidden_states": merged, "image_rotary_emb": rope}
+        kwargs = {**kwargs, "hidden_states": merged, "image_rotary_emb": rope}
+        if self.engine.proportional:
+            kwargs["joint_attention_kwargs"] = {"attention_mask": joint_key_bias(plan, text.shape[1], hidden.dtype)}
+        return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         pending, self._pending = self._pending, None
@@ -169,10 +182,12 @@ class ReducedKVProcessor:
             return torch.cat((t[:, :text_len], image), dim=1)
 
         key, value = reduce(key), reduce(value)
+        bias = joint_key_bias(plan, text_len, query.dtype) if self.hook.engine.proportional else None
         out = dispatch_attention_fn(  # the backend (and parallel config) the original processor was given
             query,
             key,
             value,
+            attn_mask=bias,
             backend=getattr(self.original, "_attention_backend", None),
             parallel_config=getattr(self.original, "_parallel_config", None),
         )

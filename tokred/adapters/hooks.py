@@ -114,6 +114,9 @@ class TokenSiteHook(TokredHook):
         if plan is None:
             return args, kwargs
         merged = plan.merge(hidden)
+        if self.site.kind == "attn1" and self.engine.proportional:
+            # a merged key stands for several tokens: log(size) on its logits keeps their total weight
+            kwargs = {**kwargs, "attention_mask": plan.log_sizes(hidden.dtype).unsqueeze(1)}
         if self.mode == "kv":
             return args, {**kwargs, "encoder_hidden_states": merged}
         self._pending = plan

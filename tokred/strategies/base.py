@@ -287,11 +287,14 @@ class GroupMaps:
             destination tokens themselves (a pure copy).
         unmerge: (B, G, n, d) weights (rows sum to 1), or ``None`` to copy from ``assignment``.
         assignment: (B, G, n) the destination (0..d-1) each slot copies on unmerge, when ``unmerge`` is None.
+        sizes: (B, G, d) how many source tokens each destination stands for (soft counts allowed): the
+            attention weight its key deserves (proportional attention). None: counted from the maps.
     """
 
     merge: Tensor | None
     unmerge: Tensor | None
     assignment: Tensor | None = None
+    sizes: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.unmerge is None and self.assignment is None:

@@ -62,7 +62,7 @@ class AttentionMerge:
         merge = _rows_normalised(assign)
         # contiguous: a transposed operand takes a slower batched-matmul path on every unmerge
         unmerge = torch.linalg.pinv(merge) if self.unmerge == "pinv" else assign.transpose(-1, -2).contiguous()
-        return GroupMaps(merge=merge, unmerge=unmerge)
+        return GroupMaps(merge=merge, unmerge=unmerge, sizes=assign.sum(-1))
 
 
 class MeanMerge:
@@ -75,7 +75,7 @@ class MeanMerge:
         assignment = hard_assignment(ctx, destinations)
         _, src_valid = _masks(ctx)
         onehot = F.one_hot(assignment, ctx.max_destinations).transpose(-1, -2).to(torch.float32) * src_valid
-        return GroupMaps(merge=_rows_normalised(onehot), unmerge=None, assignment=assignment)
+        return GroupMaps(merge=_rows_normalised(onehot), unmerge=None, assignment=assignment, sizes=onehot.sum(-1))
 
 
 class PruneMerge:
@@ -85,4 +85,7 @@ class PruneMerge:
         pass
 
     def maps(self, ctx: SelectionContext, destinations: Tensor) -> GroupMaps:
-        return GroupMaps(merge=None, unmerge=None, assignment=hard_assignment(ctx, destinations))
+        assignment = hard_assignment(ctx, destinations)
+        _, src_valid = _masks(ctx)
+        counts = (F.one_hot(assignment, ctx.max_destinations).transpose(-1, -2).to(torch.float32) * src_valid).sum(-1)
+        return GroupMaps(merge=None, unmerge=None, assignment=assignment, sizes=counts)

@@ -1,0 +1,262 @@
+"""``tokred bench``: every method side by side on one denoiser, measured in one run.
+
+With no config it runs the embedded default: a real-width SDXL-architecture UNet (random weights, transformer
+depth reduced so it fits a few CPU minutes) at 1024×1024, where attention matters, comparing the baseline,
+``toma``, ``random``, ``grid``, ``todo`` (kv mode) and tomesd when it is installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokred import sources
+from tokred.compare import Method, Row, compare, format_rows
+from tokred.errors import ConfigError, ConfigIssue, TokredError
+from tokred.synthetic import smooth_latents, smooth_tokens
+
+PEERS = ("baseline", "tomesd")
+
+
+class BenchConfig(BaseModel):
+    """What ``tokred bench`` measures. The defaults are the embedded default run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("random:sdxl", description="a built-in source, a local pipeline directory, or a hub id")
+    model_options: dict[str, Any] | None = Field(
+        None, description="options of a built-in source (null: random:sdxl runs at depth 2 to fit a CPU)"
+    )
+    methods: list[str] = Field(
+        ["baseline", "toma", "random", "grid", "todo", "tomesd"],
+        description="baseline, tomesd, or tokred presets; the first must be baseline",
+    )
+    ratio: float | None = Field(0.5, ge=0.0, lt=1.0, description="ratio for every tokred method (null: each preset's)")
+    height: int = Field(1024, ge=64, description="image height (latents are height/8)")
+    width: int = Field(1024, ge=64)
+    batch: int = Field(1, ge=1)
+    text_tokens: int = Field(77, ge=1, description="text tokens of the conditioning")
+    repeats: int = Field(2, ge=1, description="interleaved timed rounds (medians are reported)")
+    seed: int = 0
+
+
+def load_bench_config(source: str | None, overrides: list[str]) -> BenchConfig:
+    from tokred.config import merge_layers, validate_plain
+
+    data = merge_layers([source] if source else [], overrides)
+    config = validate_plain(BenchConfig, data)
+    if not config.methods or config.methods[0] != "baseline":
+        raise ConfigError([ConfigIssue("methods", "must start with baseline", config.methods, True)])
+    sources.describe(config.model)
+    sources.validate_options(config.model, model_options(config))
+    from tokred.config import list_presets
+
+    presets = list_presets()
+    for index, name in enumerate(config.methods):
+        if name not in PEERS and name not in presets:
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        f"methods.{index}",
+                        f"unknown method {name!r}; available: {', '.join([*PEERS, *presets])}",
+                        name,
+                        True,
+                    )
+                ]
+            )
+    return config
+
+
+BENCH_MODEL_OPTIONS = {"random:sdxl": {"depth": 2}}
+
+
+def model_options(config: BenchConfig) -> dict[str, Any]:
+    if config.model_options is not None:
+        return dict(config.model_options)
+    return dict(BENCH_MODEL_OPTIONS.get(config.model, {}))
+
+
+def denoiser_call(model: torch.nn.Module, config: BenchConfig) -> tuple[Callable[[], Any], torch.Tensor]:
+    """A call of the denoiser on structured inputs, and the latent to draw destinations over (C, h, w)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    batch = config.batch
+    if isinstance(model, UNet2DConditionModel):
+        cfg = model.config
+        latent = smooth_latents(batch, cfg.in_channels, config.height // 8, config.width // 8, seed=config.seed)
+        text = torch.randn(batch, config.text_tokens, cfg.cross_attention_dim, generator=gen)
+        kwargs: dict[str, Any] = {}
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            size = [config.height, config.width, 0, 0, config.height, config.width]
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch, pooled, generator=gen),
+                "time_ids": torch.tensor([size] * batch, dtype=torch.float32),
+            }
+        timestep = torch.tensor(500)
+        return (lambda: model(latent, timestep, text, **kwargs)), latent[0]
+    if isinstance(model, FluxTransformer2DModel):
+        cfg = model.config
+        h, w = config.height // 16, config.width // 16
+        tokens = smooth_tokens((h, w), cfg.in_channels, batch=batch, seed=config.seed)
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(w)[None, :]
+        inputs = {
+            "hidden_states": tokens,
+            "encoder_hidden_states": torch.randn(batch, config.text_tokens, cfg.joint_attention_dim, generator=gen),
+            "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+            "timestep": torch.full((batch,), 0.5),
+            "img_ids": ids.reshape(h * w, 3),
+            "txt_ids": torch.zeros(config.text_tokens, 3),
+        }
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.full((batch,), 3.5)
+        return (lambda: model(**inputs)), tokens[0].T.reshape(-1, h, w)
+    raise TokredError(f"bench handles UNet2DConditionModel and FluxTransformer2DModel, not {type(model).__name__}")
+
+
+def methods_for(config: BenchConfig, model: torch.nn.Module) -> tuple[list[Method], list[str]]:
+    from diffusers import UNet2DConditionModel
+
+    methods, notes = [], []
+    overrides = {"ratio": config.ratio} if config.ratio is not None else {}
+    for name in config.methods:
+        if name == "baseline":
+            methods.append(Method("baseline", "baseline"))
+        elif name == "tomesd":
+            if importlib.util.find_spec("tomesd") is None:
+                notes.append("tomesd: skipped (not installed; pip install tomesd)")
+            elif not isinstance(model, UNet2DConditionModel):
+                notes.append("tomesd: skipped (it patches UNets only)")
+            else:  # its default max_downsample=1 merges nothing on SDXL
+                methods.append(Method("tomesd", "tomesd", config={"ratio": config.ratio or 0.5, "max_downsample": 2}))
+        else:
+            methods.append(Method(name, config=name, overrides=overrides))
+    return methods, notes
+
+
+def destinations_picture(
+    model: torch.nn.Module, call: Callable[[], Any], latent: torch.Tensor, path: Path, ratio: float | None
+) -> dict[str, Any]:
+    """Which tokens ``toma`` kept as destinations on the largest grid, drawn over the latent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import tokred
+
+    with torch.no_grad(), tokred.patched(model, "toma", **({"ratio": ratio} if ratio is not None else {})) as patch:
+        call()
+        key, cached = max(patch.engine._plans.items(), key=lambda item: item[1].plan.num_tokens)
+    plan = cached.plan
+    h, w = plan.grid
+    kept = torch.zeros(h * w)
+    kept[plan.destinations[0].cpu()] = 1
+    image = latent[:3].float()
+    image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="area")[0]
+    image = (image - image.amin()) / (image.amax() - image.amin()).clamp_min(1e-8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
+    axes[0].imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+    axes[0].set_title(f"input latent (first 3 channels), {h}x{w} tokens")
+    axes[1].imshow(image.permute(1, 2, 0).numpy() * 0.35, interpolation="nearest")
+    rows, cols = plan.destinations[0].cpu() // w, plan.destinations[0].cpu() % w
+    axes[1].scatter(
+        cols.numpy(), rows.numpy(), s=max(2.0, 2000 / (h * w) ** 0.5), c="#ffcc00", marker="s", linewidths=0
+    )
+    axes[1].set_title(f"toma destinations: {plan.num_destinations} of {plan.num_tokens} ({key[1]} sites)")
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"grid": [h, w], "destinations": plan.num_destinations, "tokens": plan.num_tokens}
+
+
+def speed_plot(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 5), dpi=100)
+    for row in rows:
+        axis.scatter(row.deviation, row.speedup, s=60)
+        axis.annotate(row.name, (row.deviation, row.speedup), textcoords="offset points", xytext=(6, 4))
+    axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    axis.set_xlabel("relative L2 deviation from the baseline output (lower is better)")
+    axis.set_ylabel("speedup vs baseline, same run (higher is better)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], object] | None = None) -> dict[str, Any]:
+    """Run the comparison and write bench.json, bench.csv, bench.txt and the two PNGs into ``out_dir``.
+
+    Results are written to a sibling ``.partial`` directory first and moved into place at the end, so an
+    interrupted run never leaves a result that looks complete.
+    """
+    model = sources.load_denoiser(config.model, model_options(config), seed=config.seed)
+    call, latent = denoiser_call(model, config)
+    methods, notes = methods_for(config, model)
+    rows = compare(model, call, methods, repeats=config.repeats, progress=progress)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    title = f"{config.model} {config.height}x{config.width}, ratio {config.ratio}"
+    picture = destinations_picture(model, call, latent, partial / "toma_destinations.png", config.ratio)
+    speed_plot(rows, partial / "speed_vs_deviation.png", title)
+    setup = {
+        **config.model_dump(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": "cpu",
+        "notes": notes,
+        "destinations_picture": picture,
+    }
+    report = {"setup": setup, "rows": [row.as_dict() for row in rows]}
+    (partial / "bench.json").write_text(json.dumps(report, indent=2))
+    with (partial / "bench.csv").open("w", newline="") as handle:
+        fields = ["name", "seconds", "speedup", "flop_speedup", "efficiency", "deviation", "plan_share", "tokens_kept"]
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in report["rows"]:
+            writer.writerow(row)
+    text = format_report(report)
+    (partial / "bench.txt").write_text(text + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    report["text"] = text
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    setup = report["setup"]
+    rows = [Row(**{k: v for k, v in row.items() if k in Row.__dataclass_fields__}) for row in report["rows"]]
+    head = (
+        f"tokred bench: {setup['model']} {setup['model_options'] or ''} at {setup['height']}x{setup['width']}, "
+        f"batch {setup['batch']}, ratio {setup['ratio']}; {setup['device']}, {setup['threads']} threads, "
+        f"median of {setup['repeats']} interleaved rounds"
+    )
+    lines = [head, "", format_rows(rows)]
+    lines += [f"note: {note}" for note in setup["notes"]]
+    lines.append(
+        "speedup: vs the baseline in this run; FLOP model: counted FLOPs ratio; efficiency = speedup / FLOP model; "
+        "deviation: relative L2 of the denoiser output; plan share: plan building / call time"
+    )
+    return "\n".join(lines)

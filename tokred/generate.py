@@ -1,0 +1,100 @@
+"""``tokred generate``: load a model, apply a strategy, generate, and record what happened."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokred import sources
+from tokred.config import RunConfig, config_to_dict
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+
+    import tokred
+
+    return {
+        "tokred": tokred.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def prompts_of(config: RunConfig) -> list[str]:
+    return [config.prompt] if isinstance(config.prompt, str) else list(config.prompt)
+
+
+def pipeline_kwargs(config: RunConfig, pipe: Any) -> dict[str, Any]:
+    size = sources.default_size(config.model)
+    kwargs: dict[str, Any] = {
+        "prompt": prompts_of(config),
+        "num_inference_steps": config.steps,
+        "height": config.height or size,
+        "width": config.width or size,
+        "generator": torch.Generator().manual_seed(config.seed),
+        "output_type": "pil",
+    }
+    if config.negative_prompt is not None:
+        kwargs["negative_prompt"] = config.negative_prompt
+    if config.guidance_scale is not None:
+        kwargs["guidance_scale"] = config.guidance_scale
+    if type(pipe).__name__.startswith("Flux"):
+        kwargs["max_sequence_length"] = 77 if config.model.startswith(("tiny:", "random:")) else 512
+    return kwargs
+
+
+def reduces(config: RunConfig) -> bool:
+    return config.ratio > 0
+
+
+def generate_with(pipe: Any, config: RunConfig) -> tuple[list[Any], dict[str, Any]]:
+    """Generate with ``config`` applied to ``pipe`` (nothing applied at ratio 0: the baseline)."""
+    import tokred
+
+    patch = tokred.apply(pipe, config, time_plans=True) if reduces(config) else None
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            images = pipe(**pipeline_kwargs(config, pipe)).images
+        seconds = time.perf_counter() - start
+    finally:
+        if patch is not None:
+            patch.remove()
+    stats = patch.stats.as_dict() if patch is not None else None
+    return images, {"seconds": seconds, "stats": stats}
+
+
+def write_run(out_dir: Path, config: RunConfig, images: list[Any], record: dict[str, Any]) -> Path:
+    """PNGs and record.json, written to ``out_dir`` via a ``.partial`` sibling (never half-written)."""
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    names = []
+    for index, image in enumerate(images):
+        name = f"{index:03d}.png"
+        image.save(partial / name)
+        names.append(name)
+    full = {"config": config_to_dict(config), "images": names, "versions": versions(), "seed": config.seed, **record}
+    (partial / "record.json").write_text(json.dumps(full, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def run_generate(config: RunConfig, out_dir: Path) -> dict[str, Any]:
+    load_start = time.perf_counter()
+    pipe = sources.load_pipeline(config.model, config.model_options, seed=0)
+    load_seconds = time.perf_counter() - load_start
+    images, record = generate_with(pipe, config)
+    record = {**record, "load_seconds": load_seconds}
+    write_run(out_dir, config, images, record)
+    return record

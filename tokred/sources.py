@@ -1,0 +1,249 @@
+"""Model sources: a hub id or local directory (``from_pretrained``), or a built-in offline source.
+
+Built-ins need no download: ``tiny:sdxl`` and ``tiny:flux`` (test-size, real layouts), ``random:sdxl`` and
+``random:flux`` (real-architecture widths with random weights, sized by options such as depth so that a run
+fits the machine).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, ValidationError
+
+from tokred.errors import ConfigError, ConfigIssue, TokredError
+from tokred.registry import NoOptions, Options
+
+
+class RandomSDXLOptions(Options):
+    depth: int = Field(10, ge=1, le=10, description="transformer layers per block at most (SDXL: 1, 2, 10)")
+
+
+class RandomFluxOptions(Options):
+    double: int = Field(2, ge=0, le=19, description="double blocks (FLUX.1: 19)")
+    single: int = Field(4, ge=0, le=38, description="single blocks (FLUX.1: 38)")
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    name: str
+    family: str  # sdxl | flux
+    description: str
+    options: type[Options]
+    default_size: int
+
+
+BUILTIN_SOURCES: dict[str, BuiltinSource] = {
+    source.name: source
+    for source in (
+        BuiltinSource("tiny:sdxl", "sdxl", "SDXL layout at test widths (seconds on a CPU)", NoOptions, 256),
+        BuiltinSource("tiny:flux", "flux", "Flux layout at test widths (seconds on a CPU)", NoOptions, 256),
+        BuiltinSource(
+            "random:sdxl",
+            "sdxl",
+            "the SDXL UNet's real config, random weights; option depth",
+            RandomSDXLOptions,
+            1024,
+        ),
+        BuiltinSource(
+            "random:flux",
+            "flux",
+            "FLUX.1 width (24 heads x 128), random weights; options double, single",
+            RandomFluxOptions,
+            1024,
+        ),
+    )
+}
+
+
+def _unknown(name: str) -> TokredError:
+    built_ins = ", ".join(BUILTIN_SOURCES)
+    return TokredError(
+        f"unknown model source {name!r}: not a built-in ({built_ins}), not a local directory, and not a hub id "
+        "(owner/name)"
+    )
+
+
+def describe(name: str) -> str:
+    """'builtin', 'local' or 'hub' — or an error listing the built-ins."""
+    if name in BUILTIN_SOURCES:
+        return "builtin"
+    if ":" in name and not os.path.exists(name):
+        raise _unknown(name)
+    if os.path.isdir(name):
+        return "local"
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "/")):
+        return "hub"
+    raise _unknown(name)
+
+
+def validate_options(name: str, options: dict[str, Any]) -> Options:
+    source = BUILTIN_SOURCES.get(name)
+    model = source.options if source else NoOptions
+    try:
+        return model.model_validate(options)
+    except ValidationError as exc:
+        issues = [
+            ConfigIssue("model_options." + ".".join(str(p) for p in e["loc"]), e["msg"], e.get("input"), True)
+            for e in exc.errors()
+        ]
+        raise ConfigError(issues) from None
+
+
+def default_size(name: str) -> int:
+    source = BUILTIN_SOURCES.get(name)
+    return source.default_size if source else 1024
+
+
+# --- building ------------------------------------------------------------------------------------------------
+
+
+def _sdxl_text_encoders(hidden: tuple[int, int], seed: int):  # type: ignore[no-untyped-def]
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from tokred.models import tiny_clip_config
+
+    torch.manual_seed(seed)
+    first = tiny_clip_config(hidden[0])
+    second = tiny_clip_config(hidden[1])
+    second.projection_dim = hidden[1]
+    return CLIPTextModel(first).eval(), CLIPTextModelWithProjection(second).eval()
+
+
+def _random_sdxl_pipeline(options: RandomSDXLOptions, seed: int):  # type: ignore[no-untyped-def]
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from tokred.models import clip_tokenizer, tiny_vae
+
+    unet = random_sdxl_unet(options, seed)
+    te1, te2 = _sdxl_text_encoders((768, 1280), seed + 1)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(0.13025),
+        unet=unet,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        scheduler=scheduler,
+    )
+
+
+def random_sdxl_unet(options: RandomSDXLOptions, seed: int = 0):  # type: ignore[no-untyped-def]
+    from tokred.models import SDXL_UNET_CONFIG, unet_from_config
+
+    layers = [min(n, options.depth) for n in SDXL_UNET_CONFIG["transformer_layers_per_block"]]
+    return unet_from_config({**SDXL_UNET_CONFIG, "transformer_layers_per_block": layers}, seed=seed)
+
+
+def random_flux_transformer(options: RandomFluxOptions, seed: int = 0):  # type: ignore[no-untyped-def]
+    from tokred.models import FLUX_DEV_CONFIG, flux_transformer
+
+    return flux_transformer(FLUX_DEV_CONFIG, seed=seed, num_layers=options.double, num_single_layers=options.single)
+
+
+def _random_flux_pipeline(options: RandomFluxOptions, seed: int):  # type: ignore[no-untyped-def]
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from tokred.models import clip_tokenizer, t5_tokenizer, tiny_clip_config
+
+    transformer = random_flux_transformer(options, seed)
+    torch.manual_seed(seed + 1)
+    clip = CLIPTextModel(tiny_clip_config(768)).eval()
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=1000,
+            d_model=4096,
+            d_ff=64,
+            d_kv=64,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 16, 16],
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=16,
+        sample_size=256,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    ).eval()
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        transformer=transformer,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer(),
+    )
+
+
+def load_pipeline(name: str, options: dict[str, Any] | None = None, *, seed: int = 0):  # type: ignore[no-untyped-def]
+    """The pipeline of a model source (random weights seeded with ``seed`` for built-ins)."""
+    kind = describe(name)
+    validated = validate_options(name, dict(options or {}))
+    if kind == "builtin":
+        from tokred import models
+
+        builders: dict[str, Callable[[], Any]] = {
+            "tiny:sdxl": lambda: models.tiny_sdxl_pipeline(seed=seed),
+            "tiny:flux": lambda: models.tiny_flux_pipeline(seed=seed),
+            "random:sdxl": lambda: _random_sdxl_pipeline(validated, seed),  # type: ignore[arg-type]
+            "random:flux": lambda: _random_flux_pipeline(validated, seed),  # type: ignore[arg-type]
+        }
+        pipe = builders[name]()
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(name)
+        except Exception as exc:  # offline, missing files, not a pipeline: say which and why
+            where = "the local directory" if kind == "local" else "the hub"
+            raise TokredError(f"could not load {name!r} from {where}: {type(exc).__name__}: {exc}") from None
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_denoiser(name: str, options: dict[str, Any] | None = None, *, seed: int = 0) -> torch.nn.Module:
+    """Only the denoiser of a source (what ``bench`` measures); built-ins skip text encoders and VAE."""
+    kind = describe(name)
+    validated = validate_options(name, dict(options or {}))
+    if name == "random:sdxl":
+        return random_sdxl_unet(validated, seed)  # type: ignore[arg-type]
+    if name == "random:flux":
+        return random_flux_transformer(validated, seed)  # type: ignore[arg-type]
+    if name == "tiny:sdxl":
+        from tokred.models import TINY_SDXL_UNET_CONFIG, unet_from_config
+
+        return unet_from_config(TINY_SDXL_UNET_CONFIG, seed=seed)
+    if name == "tiny:flux":
+        from tokred.models import TINY_FLUX_CONFIG, flux_transformer
+
+        return flux_transformer(TINY_FLUX_CONFIG, seed=seed)
+    del kind
+    pipe = load_pipeline(name, options, seed=seed)
+    from tokred.api import find_denoiser
+
+    return find_denoiser(pipe)
+
+
+def saved_pipeline_dir(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
