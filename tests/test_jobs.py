@@ -158,6 +158,7 @@ def test_bench_writes_table_json_csv_and_two_pictures(capsys, tmp_path, model):
     assert [row["name"] for row in rows] == names and float(rows[0]["speedup"]) == 1.0
     assert valid_png(out / "speed_vs_deviation.png")[0] > 100
     assert valid_png(out / "toma_destinations.png")[0] > 100
+    assert report["setup"]["model_options"] == {} and f"tokred bench: {model} at 128x128" in stdout
     picture = report["setup"]["destinations_picture"]
     assert picture["destinations"] == picture["tokens"] // 2
     assert not (tmp_path / "bench.partial").exists()

@@ -158,7 +158,7 @@ def destinations_picture(
 
     with torch.no_grad(), tokred.patched(model, "toma", **({"ratio": ratio} if ratio is not None else {})) as patch:
         call()
-        key, cached = max(patch.engine._plans.items(), key=lambda item: item[1].plan.num_tokens)
+        cached = max(patch.engine._plans.values(), key=lambda entry: entry.plan.num_tokens)
     plan = cached.plan
     h, w = plan.grid
     kept = torch.zeros(h * w)
@@ -166,15 +166,14 @@ def destinations_picture(
     image = latent[:3].float()
     image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="area")[0]
     image = (image - image.amin()) / (image.amax() - image.amin()).clamp_min(1e-8)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.3), dpi=100)
     axes[0].imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
-    axes[0].set_title(f"input latent (first 3 channels), {h}x{w} tokens")
-    axes[1].imshow(image.permute(1, 2, 0).numpy() * 0.35, interpolation="nearest")
-    rows, cols = plan.destinations[0].cpu() // w, plan.destinations[0].cpu() % w
-    axes[1].scatter(
-        cols.numpy(), rows.numpy(), s=max(2.0, 2000 / (h * w) ** 0.5), c="#ffcc00", marker="s", linewidths=0
-    )
-    axes[1].set_title(f"toma destinations: {plan.num_destinations} of {plan.num_tokens} ({key[1]} sites)")
+    axes[0].set_title(f"input latent (first 3 channels) on the {h}x{w} token grid", fontsize=10)
+    mask = kept.view(h, w).bool()
+    shown = image * 0.2  # merged-away tokens dimmed, destinations in full colour
+    shown[:, mask] = 0.35 + 0.65 * image[:, mask]
+    axes[1].imshow(shown.permute(1, 2, 0).numpy(), interpolation="nearest")
+    axes[1].set_title(f"toma destinations (bright): {plan.num_destinations} of {plan.num_tokens} tokens", fontsize=10)
     for axis in axes:
         axis.set_xticks([])
         axis.set_yticks([])
@@ -222,6 +221,7 @@ def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], obje
     speed_plot(rows, partial / "speed_vs_deviation.png", title)
     setup = {
         **config.model_dump(),
+        "model_options": model_options(config),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": "cpu",
@@ -245,11 +245,15 @@ def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], obje
     return report
 
 
+def _options_text(options: dict[str, Any] | None) -> str:
+    return " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")" if options else ""
+
+
 def format_report(report: dict[str, Any]) -> str:
     setup = report["setup"]
     rows = [Row(**{k: v for k, v in row.items() if k in Row.__dataclass_fields__}) for row in report["rows"]]
     head = (
-        f"tokred bench: {setup['model']} {setup['model_options'] or ''} at {setup['height']}x{setup['width']}, "
+        f"tokred bench: {setup['model']}{_options_text(setup['model_options'])} at {setup['height']}x{setup['width']}, "
         f"batch {setup['batch']}, ratio {setup['ratio']}; {setup['device']}, {setup['threads']} threads, "
         f"median of {setup['repeats']} interleaved rounds"
     )
