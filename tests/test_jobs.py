@@ -271,6 +271,72 @@ def test_eval_cli_with_a_saved_local_vision_model(capsys, tmp_path):
     assert code == 2 and "not a saved transformers model directory" in err
 
 
+def test_eval_cli_clip_score_against_the_run_prompts(capsys, tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from tokred.models import clip_tokenizer
+
+    runs = {}
+    for name, ratio in (("run", "0.5"), ("base", "0")):
+        runs[name] = tmp_path / name
+        code, _, err = run_cli(
+            capsys,
+            "generate",
+            "toma",
+            "model=tiny:sdxl",
+            "steps=1",
+            "height=64",
+            "width=64",
+            f"ratio={ratio}",
+            "prompt=[a red cube,a blue ball]",
+            "--out",
+            str(runs[name]),
+        )
+        assert code == 0, err
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": 1000,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    clip_tokenizer().save_pretrained(tmp_path / "clip")
+    out = tmp_path / "eval"
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        str(runs["run"]),
+        "--baseline",
+        str(runs["base"]),
+        "--clip",
+        str(tmp_path / "clip"),
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    report = json.loads((out / "eval.json").read_text())
+    assert 0 <= report["summary"]["clip_score"] <= 100 and "clip_score_baseline" in report["summary"]
+    assert [row["image"] for row in report["images"]] == ["000.png", "001.png"]
+    assert "CLIP score" in stdout
+
+
 # --- sweep ---------------------------------------------------------------------------------------------------
 
 SWEEP = """

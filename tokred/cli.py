@@ -252,17 +252,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tokred.evaluate import evaluate, local_feature_extractor, write_eval
+    from tokred.evaluate import add_clip_scores, evaluate, local_clip_scorer, local_feature_extractor, write_eval
 
     run_dir, baseline = Path(args.run_dir), Path(args.baseline)
     features = local_feature_extractor(args.features) if args.features else None
+    scorer = local_clip_scorer(args.clip) if args.clip else None
     out_dir = _prepare_out(args.out or f"tokred-out/eval/{run_dir.name}")
     report = evaluate(run_dir, baseline, features)
+    if scorer is not None:
+        add_clip_scores(report, run_dir, baseline, scorer)
     write_eval(report, out_dir / "eval.json")
     summary = report["summary"]
     line = f"{summary['images']} image pairs: PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}"
     if "fid" in summary:
         line += f", feature similarity {summary['feature_similarity']:.4f}, FID {summary['fid']:.3f}"
+    if "clip_score" in summary:
+        line += f", CLIP score {summary['clip_score']:.2f} (baseline {summary['clip_score_baseline']:.2f})"
     print(line)
     print(f"written: {out_dir / 'eval.json'}")
     return 0
@@ -388,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MODEL_DIR",
         help="a local transformers vision model (DINO, CLIP vision, ViT) for feature similarity and FID",
+    )
+    ev.add_argument(
+        "--clip",
+        default=None,
+        metavar="MODEL_DIR",
+        help="a local transformers CLIP model (with its tokenizer) for CLIP scores against the prompts",
     )
     ev.add_argument("--out", default=None, help="result directory (default tokred-out/eval/<RUN_DIR name>)")
     ev.add_argument("--quiet", action="store_true")

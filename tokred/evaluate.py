@@ -133,6 +133,65 @@ def local_feature_extractor(model_dir: str) -> FeatureExtractor:
     return extract
 
 
+TextImageScorer = Callable[[Tensor, list[str]], Tensor]
+
+
+def _embedding(output: Any) -> Tensor:
+    """transformers 5 returns an output whose pooler_output is the projected embedding; 4.x a tensor."""
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
+def local_clip_scorer(model_dir: str) -> TextImageScorer:
+    """CLIP score from a local ``transformers`` CLIP model directory (model and tokenizer saved together):
+    100 · max(cos(image, text), 0) per image, as in Hessel et al. 2021."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise TokredError(f"--clip: {model_dir!r} is not a saved CLIP model directory (no config.json)")
+    model = CLIPModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    size = model.config.vision_config.image_size
+    mean = torch.tensor([0.4815, 0.4578, 0.4082]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2686, 0.2613, 0.2758]).view(1, 3, 1, 1)
+
+    def score(images: Tensor, prompts: list[str]) -> Tensor:
+        pixels = (F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False) - mean) / std
+        tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        image_features = F.normalize(_embedding(model.get_image_features(pixel_values=pixels)), dim=-1)
+        text_features = F.normalize(_embedding(model.get_text_features(**tokens)), dim=-1)
+        return 100 * (image_features * text_features).sum(-1).clamp_min(0)
+
+    return score
+
+
+def prompts_for(run_dir: Path, names: list[str]) -> list[str]:
+    """The prompt of each image of a ``tokred generate`` run (image i used prompt i of the config's list)."""
+    record_path = run_dir / "record.json"
+    if not record_path.is_file():
+        raise TokredError(
+            f"a CLIP score needs the prompts: {str(record_path)!r} (written by tokred generate) is missing"
+        )
+    record = json.loads(record_path.read_text())
+    prompt = record["config"]["prompt"]
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    by_name = {name: prompts[index % len(prompts)] for index, name in enumerate(record["images"])}
+    return [by_name.get(name, prompts[0]) for name in names]
+
+
+def add_clip_scores(report: dict[str, Any], run_dir: Path, baseline_dir: Path, scorer: TextImageScorer) -> None:
+    """CLIP scores of the run's and the baseline's images against the run's prompts."""
+    names = [row["image"] for row in report["images"]]
+    prompts = prompts_for(run_dir, names)
+    with torch.no_grad():
+        run = scorer(torch.stack([load_image(run_dir / n) for n in names]), prompts)
+        base = scorer(torch.stack([load_image(baseline_dir / n) for n in names]), prompts)
+    for row, a, b in zip(report["images"], run.tolist(), base.tolist(), strict=True):
+        row["clip_score"], row["clip_score_baseline"] = a, b
+    report["summary"]["clip_score"] = float(run.mean())
+    report["summary"]["clip_score_baseline"] = float(base.mean())
+
+
 def write_eval(report: dict[str, Any], path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(report, indent=2))
