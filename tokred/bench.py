@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tokred import sources
 from tokred.compare import Method, Row, compare, format_rows
-from tokred.errors import ConfigError, ConfigIssue, TokredError
-from tokred.synthetic import smooth_latents, smooth_tokens
+from tokred.errors import ConfigError, ConfigIssue
+from tokred.inputs import denoiser_inputs
 
 PEERS = ("baseline", "tomesd")
 
@@ -86,43 +86,14 @@ def model_options(config: BenchConfig) -> dict[str, Any]:
 
 def denoiser_call(model: torch.nn.Module, config: BenchConfig) -> tuple[Callable[[], Any], torch.Tensor]:
     """A call of the denoiser on structured inputs, and the latent to draw destinations over (C, h, w)."""
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    batch = config.batch
-    if isinstance(model, UNet2DConditionModel):
-        cfg = model.config
-        latent = smooth_latents(batch, cfg.in_channels, config.height // 8, config.width // 8, seed=config.seed)
-        text = torch.randn(batch, config.text_tokens, cfg.cross_attention_dim, generator=gen)
-        kwargs: dict[str, Any] = {}
-        if cfg.addition_embed_type == "text_time":
-            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            size = [config.height, config.width, 0, 0, config.height, config.width]
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": torch.randn(batch, pooled, generator=gen),
-                "time_ids": torch.tensor([size] * batch, dtype=torch.float32),
-            }
-        timestep = torch.tensor(500)
-        return (lambda: model(latent, timestep, text, **kwargs)), latent[0]
-    if isinstance(model, FluxTransformer2DModel):
-        cfg = model.config
-        h, w = config.height // 16, config.width // 16
-        tokens = smooth_tokens((h, w), cfg.in_channels, batch=batch, seed=config.seed)
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1] += torch.arange(h)[:, None]
-        ids[..., 2] += torch.arange(w)[None, :]
-        inputs = {
-            "hidden_states": tokens,
-            "encoder_hidden_states": torch.randn(batch, config.text_tokens, cfg.joint_attention_dim, generator=gen),
-            "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
-            "timestep": torch.full((batch,), 0.5),
-            "img_ids": ids.reshape(h * w, 3),
-            "txt_ids": torch.zeros(config.text_tokens, 3),
-        }
-        if cfg.guidance_embeds:
-            inputs["guidance"] = torch.full((batch,), 3.5)
-        return (lambda: model(**inputs)), tokens[0].T.reshape(-1, h, w)
-    raise TokredError(f"bench handles UNet2DConditionModel and FluxTransformer2DModel, not {type(model).__name__}")
+    return denoiser_inputs(
+        model,
+        height=config.height,
+        width=config.width,
+        batch=config.batch,
+        text_tokens=config.text_tokens,
+        seed=config.seed,
+    )
 
 
 def methods_for(config: BenchConfig, model: torch.nn.Module) -> tuple[list[Method], list[str]]:

@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from tokred.compare import Method, Row, compare
+from tokred.inputs import denoiser_inputs
 from tokred.models import FLUX_DEV_CONFIG, flux_transformer
-from tokred.synthetic import smooth_tokens
 
 
 def flux_methods(ratio: float) -> list[Method]:
@@ -23,24 +21,6 @@ def flux_methods(ratio: float) -> list[Method]:
         Method("toma tokens", config="toma", overrides={"ratio": ratio}),
         Method("toma kv", config="toma", overrides={"ratio": ratio, "mode": "kv"}),
     ]
-
-
-def flux_inputs(model: torch.nn.Module, grid: tuple[int, int], text_len: int, batch: int = 1) -> dict[str, Any]:
-    cfg = model.config
-    gen = torch.Generator().manual_seed(1)
-    h, w = grid
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] += torch.arange(h)[:, None]
-    ids[..., 2] += torch.arange(w)[None, :]
-    return {
-        "hidden_states": smooth_tokens(grid, cfg.in_channels, batch=batch, seed=0),
-        "encoder_hidden_states": torch.randn(batch, text_len, cfg.joint_attention_dim, generator=gen),
-        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
-        "timestep": torch.full((batch,), 0.5),
-        "img_ids": ids.reshape(h * w, 3),
-        "txt_ids": torch.zeros(text_len, 3),
-        "guidance": torch.full((batch,), 3.5),
-    }
 
 
 def bench_flux(
@@ -56,8 +36,8 @@ def bench_flux(
 ) -> tuple[list[Row], dict[str, Any]]:
     model = flux_transformer(config or FLUX_DEV_CONFIG, num_layers=double, num_single_layers=single)
     grid = (size // 16, size // 16)
-    inputs = flux_inputs(model, grid, text_len)
-    rows = compare(model, lambda: model(**inputs), flux_methods(ratio), repeats=repeats, progress=progress)
+    call, _ = denoiser_inputs(model, height=size, width=size, text_tokens=text_len)
+    rows = compare(model, call, flux_methods(ratio), repeats=repeats, progress=progress)
     setup = {
         "what": f"Flux transformer at real width, {double} double + {single} single blocks, random weights",
         "size": size,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tokred.compare import Method, Row, compare
+from tokred.inputs import denoiser_inputs
 from tokred.models import SDXL_UNET_CONFIG, unet_from_config
 from tokred.synthetic import smooth_latents
 
@@ -88,20 +89,7 @@ def bench_unet(
 ) -> tuple[list[Row], dict[str, Any]]:
     config = config or SDXL_UNET_CONFIG
     unet = unet_from_config(config)
-    latent = size // 8
-    sample = smooth_latents(batch, 4, latent, latent, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    text = torch.randn(batch, 77, config["cross_attention_dim"], generator=gen)
-    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    added = {
-        "text_embeds": torch.randn(batch, pooled, generator=gen),
-        "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32),
-    }
-    timestep = torch.tensor(500)
-
-    def call():  # sample positionally: tomesd 0.1.3 fails on a keyword-only call
-        return unet(sample, timestep, text, added_cond_kwargs=added)
-
+    call, _ = denoiser_inputs(unet, height=size, width=size, batch=batch)
     rows = compare(unet, call, unet_methods(ratio), repeats=repeats, progress=progress)
     setup = {
         "what": "SDXL UNet, real config, random weights",

@@ -115,65 +115,58 @@ def cmd_bench_ops(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_sdxl(args: argparse.Namespace) -> int:
+def _run_comparison(args: argparse.Namespace, command: str, steps: int, run) -> int:  # type: ignore[no-untyped-def]
+    """Shared by bench-sdxl and bench-flux: threads, progress bar, table, and the JSON and text files."""
     import torch
     from tqdm import tqdm
 
-    from tokred import bench_sdxl
     from tokred.compare import format_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = _prepare_out(args.out)
-    if args.target == "block":
-        methods, total = bench_sdxl.block_methods(args.ratio), args.repeats or 5
-    else:
-        methods, total = bench_sdxl.unet_methods(args.ratio), args.repeats or 1
-    bar = tqdm(total=len(methods) * (total + 1), desc=f"bench-sdxl {args.target}", disable=args.quiet)
-
-    def progress(label: str) -> None:
-        bar.set_postfix_str(label)
-        bar.update(1)
-
+    bar = tqdm(total=steps, desc=f"{command} {args.target}", disable=args.quiet)
     try:
-        if args.target == "block":
-            rows, setup = bench_sdxl.bench_block(ratio=args.ratio, repeats=total, progress=progress)
-        else:
-            rows, setup = bench_sdxl.bench_unet(ratio=args.ratio, size=args.size, repeats=total, progress=progress)
+        rows, setup = run(lambda label: (bar.set_postfix_str(label), bar.update(1)))
     finally:
         bar.close()
     setup.update(threads=torch.get_num_threads(), torch=torch.__version__)
-    text = f"tokred bench-sdxl {args.target}: {json.dumps(setup)}\n\n{format_rows(rows)}"
+    text = f"tokred {command} {args.target}: {json.dumps(setup)}\n\n{format_rows(rows)}"
     if not setup.get("tomesd", True):
         text += "\n(tomesd is not installed: skipped)"
     print(text)
-    (out_dir / f"bench_sdxl_{args.target}.json").write_text(
-        json.dumps({"setup": setup, "rows": [row.as_dict() for row in rows]}, indent=2)
-    )
-    (out_dir / f"bench_sdxl_{args.target}.txt").write_text(text + "\n")
+    stem = f"{command.replace('-', '_')}_{args.target}"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"setup": setup, "rows": [r.as_dict() for r in rows]}, indent=2))
+    (out_dir / f"{stem}.txt").write_text(text + "\n")
     return 0
 
 
+def cmd_bench_sdxl(args: argparse.Namespace) -> int:
+    from tokred import bench_sdxl
+
+    if args.target == "block":
+        repeats = args.repeats or 5
+        methods = bench_sdxl.block_methods(args.ratio)
+        run = lambda progress: bench_sdxl.bench_block(ratio=args.ratio, repeats=repeats, progress=progress)  # noqa: E731
+    else:
+        repeats = args.repeats or 1
+        methods = bench_sdxl.unet_methods(args.ratio)
+        run = lambda progress: bench_sdxl.bench_unet(  # noqa: E731
+            ratio=args.ratio, size=args.size, repeats=repeats, progress=progress
+        )
+    return _run_comparison(args, "bench-sdxl", len(methods) * (repeats + 1), run)
+
+
 def cmd_bench_flux(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
     from tokred import bench_flux
-    from tokred.compare import format_rows
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out_dir = _prepare_out(args.out)
     double, single = (0, 1) if args.target == "block" else (args.double, args.single)
-    methods = bench_flux.flux_methods(args.ratio)
-    bar = tqdm(total=len(methods) * (args.repeats + 1), desc=f"bench-flux {args.target}", disable=args.quiet)
-
-    def progress(label: str) -> None:
-        bar.set_postfix_str(label)
-        bar.update(1)
-
-    try:
-        rows, setup = bench_flux.bench_flux(
+    steps = len(bench_flux.flux_methods(args.ratio)) * (args.repeats + 1)
+    return _run_comparison(
+        args,
+        "bench-flux",
+        steps,
+        lambda progress: bench_flux.bench_flux(
             double=double,
             single=single,
             size=args.size,
@@ -181,17 +174,8 @@ def cmd_bench_flux(args: argparse.Namespace) -> int:
             ratio=args.ratio,
             repeats=args.repeats,
             progress=progress,
-        )
-    finally:
-        bar.close()
-    setup.update(threads=torch.get_num_threads(), torch=torch.__version__)
-    text = f"tokred bench-flux {args.target}: {json.dumps(setup)}\n\n{format_rows(rows)}"
-    print(text)
-    (out_dir / f"bench_flux_{args.target}.json").write_text(
-        json.dumps({"setup": setup, "rows": [row.as_dict() for row in rows]}, indent=2)
+        ),
     )
-    (out_dir / f"bench_flux_{args.target}.txt").write_text(text + "\n")
-    return 0
 
 
 def _split_config(positional: list[str]) -> tuple[str | None, list[str]]:

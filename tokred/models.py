@@ -79,7 +79,7 @@ def unet_from_config(config: dict[str, Any], *, seed: int = 0, dtype: torch.dtyp
     return unet if dtype == torch.float32 else unet.to(dtype)
 
 
-def tiny_vae(scaling_factor: float, shift_factor: float | None = None):  # type: ignore[no-untyped-def]
+def tiny_vae(scaling_factor: float, shift_factor: float | None = None, latent_channels: int = 4):  # type: ignore[no-untyped-def]
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -88,7 +88,7 @@ def tiny_vae(scaling_factor: float, shift_factor: float | None = None):  # type:
         block_out_channels=[8, 16, 16, 16],
         layers_per_block=1,
         norm_num_groups=8,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=256,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,

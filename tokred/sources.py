@@ -151,10 +151,10 @@ def random_flux_transformer(options: RandomFluxOptions, seed: int = 0):  # type:
 
 
 def _random_flux_pipeline(options: RandomFluxOptions, seed: int):  # type: ignore[no-untyped-def]
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    from tokred.models import clip_tokenizer, t5_tokenizer, tiny_clip_config
+    from tokred.models import clip_tokenizer, t5_tokenizer, tiny_clip_config, tiny_vae
 
     transformer = random_flux_transformer(options, seed)
     torch.manual_seed(seed + 1)
@@ -173,17 +173,7 @@ def _random_flux_pipeline(options: RandomFluxOptions, seed: int):  # type: ignor
             eos_token_id=1,
         )
     ).eval()
-    vae = AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 16, 16, 16],
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=16,
-        sample_size=256,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    ).eval()
+    vae = tiny_vae(0.3611, 0.1159, latent_channels=16)  # FLUX.1's VAE has 16 latent channels
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
