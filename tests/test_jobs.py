@@ -93,7 +93,7 @@ def test_a_failed_generate_leaves_no_result_that_looks_complete(capsys, tmp_path
     with pytest.raises(RuntimeError, match="disk full"):
         cli.main(["generate", "toma", "model=tiny:sdxl", "steps=1", "height=64", "width=64", "--out", str(out)])
     assert not out.exists()
-    assert not (tmp_path / "run.partial" / "record.json").exists()
+    assert not list(tmp_path.glob(".run.partial-*"))  # the temporary directory went with the failure
 
 
 # --- bad inputs --------------------------------------------------------------------------------------------
@@ -125,6 +125,24 @@ def test_bad_inputs_exit_2_with_a_clear_message(capsys, tmp_path, argv, fragment
     assert not (tmp_path / "out").exists()
 
 
+def test_out_never_replaces_what_is_not_a_tokred_result(capsys, tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli(capsys, "generate", "toma", "model=tiny:sdxl", "--out", str(precious))
+    assert code == 2 and "holds files that are not a tokred result" in err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    code, _, err = run_cli(capsys, "bench", "model=tiny:sdxl", "--out", str(precious / "thesis.tex"))
+    assert code == 2 and "is a file, not a directory" in err
+    rerun = tmp_path / "run"  # an earlier result in the same place is replaced
+    for _ in range(2):
+        code, _, err = run_cli(
+            capsys, "generate", "toma", "model=tiny:sdxl", "steps=1", "height=64", "width=64", "--out", str(rerun)
+        )
+        assert code == 0, err
+    assert sorted(p.name for p in rerun.iterdir()) == ["000.png", "record.json"]
+
+
 def test_unwritable_out_and_missing_baseline_exit_2(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -132,8 +150,11 @@ def test_unwritable_out_and_missing_baseline_exit_2(capsys, tmp_path):
     assert code == 2 and "--out: cannot write to" in err
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    code, _, err = run_cli(capsys, "eval", str(run_dir), "--baseline", str(tmp_path / "missing"))
+    code, _, err = run_cli(
+        capsys, "eval", str(run_dir), "--baseline", str(tmp_path / "missing"), "--out", str(tmp_path / "eval")
+    )
     assert code == 2 and "--baseline" in err and "is not a directory" in err
+    assert not (tmp_path / "eval").exists()
 
 
 # --- bench ---------------------------------------------------------------------------------------------------
@@ -256,7 +277,7 @@ def test_eval_cli_with_a_saved_local_vision_model(capsys, tmp_path):
     assert code == 0, err
     report = json.loads((out / "eval.json").read_text())
     assert set(report["summary"]) == {"images", "psnr", "ssim", "feature_similarity", "fid"}
-    assert "FID" in stdout and len(report["images"]) == 3
+    assert "FD(features)" in stdout and len(report["images"]) == 3
     code, _, err = run_cli(
         capsys,
         "eval",
@@ -366,7 +387,7 @@ def test_sweep_expands_with_stable_ids_and_resumes(tmp_path):
     assert summary["ran_here"] == 10 and summary["skipped_here"] == 0
     rows = _sweep_rows(tmp_path / "out")
     assert [r["id"] for r in rows] == [i["id"] for i in items]
-    assert all(r["psnr"] == float("inf") for r in rows if r["strategy"] == "baseline")
+    assert all(r["psnr"] is None and r["ssim"] == 1.0 for r in rows if r["strategy"] == "baseline")  # inf: null
     assert all(r["psnr"] < 100 for r in rows if r["strategy"] != "baseline")
     again = run_sweep(config, tmp_path / "out")
     assert again["ran_here"] == 0 and again["skipped_here"] == 10

@@ -308,3 +308,29 @@ def test_salt_varies_random_draws_reproducibly():
     strategy = resolve_strategy("random")
     first, again, other = (strategy.plan(x, (8, 8), salt=s).destinations for s in (0, 0, 1))
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_sizes_are_counted_when_a_merge_op_gives_none():
+    from tokred.plan import build_plan
+    from tokred.strategies.base import GroupMaps
+    from tokred.strategies.localities import TileLocality
+    from tokred.strategies.merge_ops import AttentionMerge, PruneMerge
+    from tokred.strategies.selectors import FacilityLocationSelector
+
+    class NoSizes:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def maps(self, ctx, destinations):
+            maps = self.inner.maps(ctx, destinations)
+            return GroupMaps(merge=maps.merge, unmerge=maps.unmerge, assignment=maps.assignment)
+
+    x = smooth_tokens((6, 5), 2, 8, 0)
+    for inner in (AttentionMerge(AttentionMerge.Options()), PruneMerge(None)):
+        parts = {
+            "selector": FacilityLocationSelector(None),
+            "locality": TileLocality(TileLocality.Options(size=(4, 4))),
+        }
+        counted = build_plan(x, (6, 5), merge_op=NoSizes(inner), ratio=0.5, **parts)
+        given = build_plan(x, (6, 5), merge_op=inner, ratio=0.5, **parts)
+        torch.testing.assert_close(counted.sizes, given.sizes)

@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,9 @@ def methods_for(config: BenchConfig, model: torch.nn.Module) -> tuple[list[Metho
             elif not isinstance(model, UNet2DConditionModel):
                 notes.append("tomesd: skipped (it patches UNets only)")
             else:  # its default max_downsample=1 merges nothing on SDXL
-                methods.append(Method("tomesd", "tomesd", config={"ratio": config.ratio or 0.5, "max_downsample": 2}))
+                ratio = config.ratio if config.ratio is not None else 0.5
+                methods.append(Method("tomesd", "tomesd", config={"ratio": ratio, "max_downsample": 2}))
+                notes.append(f"tomesd: ratio {ratio}, max_downsample=2 (merges at 1/2 of the latent size only)")
         else:
             methods.append(Method(name, config=name, overrides=overrides))
     return methods, notes
@@ -134,7 +137,7 @@ def destinations_picture(
     h, w = plan.grid
     kept = torch.zeros(h * w)
     kept[plan.destinations[0].cpu()] = 1
-    image = latent[:3].float()
+    image = latent[:3].float().cpu()
     image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="area")[0]
     image = (image - image.amin()) / (image.amax() - image.amin()).clamp_min(1e-8)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.3), dpi=100)
@@ -180,13 +183,25 @@ def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], obje
     Results are written to a sibling ``.partial`` directory first and moved into place at the end, so an
     interrupted run never leaves a result that looks complete.
     """
-    model = sources.load_denoiser(config.model, model_options(config), seed=config.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = sources.load_denoiser(config.model, model_options(config), seed=config.seed).to(device)
     call, latent = denoiser_call(model, config)
     methods, notes = methods_for(config, model)
     rows = compare(model, call, methods, repeats=config.repeats, progress=progress)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        report = _write_report(config, model, call, latent, rows, notes, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return report
+
+
+def _write_report(config, model, call, latent, rows, notes, partial: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     title = f"{config.model} {config.height}x{config.width}, ratio {config.ratio}"
     picture = destinations_picture(model, call, latent, partial / "toma_destinations.png", config.ratio)
     speed_plot(rows, partial / "speed_vs_deviation.png", title)
@@ -195,7 +210,7 @@ def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], obje
         "model_options": model_options(config),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "device": "cpu",
+        "device": str(next(model.parameters()).device),
         "notes": notes,
         "destinations_picture": picture,
     }
@@ -209,9 +224,6 @@ def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], obje
             writer.writerow(row)
     text = format_report(report)
     (partial / "bench.txt").write_text(text + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
     report["text"] = text
     return report
 

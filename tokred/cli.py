@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -236,9 +237,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tokred.evaluate import add_clip_scores, evaluate, local_clip_scorer, local_feature_extractor, write_eval
+    from tokred.evaluate import add_clip_scores, evaluate, local_clip_scorer, local_feature_extractor, pairs, write_eval
 
     run_dir, baseline = Path(args.run_dir), Path(args.baseline)
+    pairs(run_dir, baseline)  # inputs first: nothing is created for a run that cannot be evaluated
     features = local_feature_extractor(args.features) if args.features else None
     scorer = local_clip_scorer(args.clip) if args.clip else None
     out_dir = _prepare_out(args.out or f"tokred-out/eval/{run_dir.name}")
@@ -249,7 +251,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = report["summary"]
     line = f"{summary['images']} image pairs: PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}"
     if "fid" in summary:
-        line += f", feature similarity {summary['feature_similarity']:.4f}, FID {summary['fid']:.3f}"
+        line += f", feature similarity {summary['feature_similarity']:.4f}, FD(features) {summary['fid']:.3f}"
     if "clip_score" in summary:
         line += f", CLIP score {summary['clip_score']:.2f} (baseline {summary['clip_score_baseline']:.2f})"
     print(line)
@@ -264,8 +266,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = load_sweep_config(source, overrides)
     out_dir = _prepare_out(args.out or f"tokred-out/sweep/{Path(source).stem if source else 'default'}")
     bar = _bar(args, len(expand(config)), "sweep")
+    if os.environ.get("RANK", "0") != "0":
+        bar.disable = True  # one bar, on rank 0
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total  # this rank's unfinished items
+        bar.update(1)
+
     try:
-        summary = run_sweep(config, out_dir, progress=lambda done, total: (bar.update(1),))
+        summary = run_sweep(config, out_dir, progress=progress)
     finally:
         bar.close()
     if summary["rank"] == 0:
@@ -279,16 +288,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+RESULT_MARKERS = ("record.json", "bench.json", "eval.json", "results.jsonl", "bench_ops.json")
+
+
 def _prepare_out(path: str, run_dir: bool = False) -> Path:
-    """Check that results can be written under ``path`` (created if needed); for a run directory, only its
-    parent is created: the run is written to a ``.partial`` sibling and moved into place when complete."""
-    out = Path(path)
+    """Check that results can be written under ``path`` (created if needed) — before any model work.
+
+    A run directory is written to a temporary sibling and moved into place when complete, replacing an earlier
+    result there; a directory holding anything else is refused rather than replaced.
+    """
+    out = Path(path).resolve()
+    if out.exists() and not out.is_dir():
+        raise TokredError(f"--out: {str(out)!r} is a file, not a directory")
+    if run_dir and out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in RESULT_MARKERS):
+        raise TokredError(f"--out: {str(out)!r} holds files that are not a tokred result; choose another directory")
     where = out.parent if run_dir else out
     try:
         where.mkdir(parents=True, exist_ok=True)
-        probe = where / ".tokred-write-test"
+        probe = where / f".tokred-write-test-{os.getpid()}"
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         raise TokredError(f"--out: cannot write to {str(out)!r}: {exc.strerror or exc}") from None
     return out

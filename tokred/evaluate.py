@@ -118,8 +118,14 @@ def local_feature_extractor(model_dir: str) -> FeatureExtractor:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise TokredError(f"--features: {model_dir!r} is not a saved transformers model directory (no config.json)")
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModel.from_pretrained(path).eval()
+    except Exception as exc:
+        raise TokredError(f"--features: cannot load {model_dir!r}: {type(exc).__name__}: {exc}") from None
+    if getattr(config, "model_type", "") == "clip":  # a whole CLIP model: take its vision tower
+        model = model.vision_model
+        config = config.vision_config
     size = getattr(config, "image_size", 224)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -149,8 +155,11 @@ def local_clip_scorer(model_dir: str) -> TextImageScorer:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise TokredError(f"--clip: {model_dir!r} is not a saved CLIP model directory (no config.json)")
-    model = CLIPModel.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = CLIPModel.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise TokredError(f"--clip: cannot load {model_dir!r}: {type(exc).__name__}: {exc}") from None
     size = model.config.vision_config.image_size
     mean = torch.tensor([0.4815, 0.4578, 0.4082]).view(1, 3, 1, 1)
     std = torch.tensor([0.2686, 0.2613, 0.2758]).view(1, 3, 1, 1)
@@ -192,7 +201,18 @@ def add_clip_scores(report: dict[str, Any], run_dir: Path, baseline_dir: Path, s
     report["summary"]["clip_score_baseline"] = float(base.mean())
 
 
+def finite(value: Any) -> Any:
+    """JSON has no infinity: the PSNR of identical images (inf) is written as null."""
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 def write_eval(report: dict[str, Any], path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2))
+    partial.write_text(json.dumps(finite(report), indent=2, allow_nan=False))
     partial.replace(path)

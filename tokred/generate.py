@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,20 +29,28 @@ def versions() -> dict[str, str]:
     }
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def prompts_of(config: RunConfig) -> list[str]:
     return [config.prompt] if isinstance(config.prompt, str) else list(config.prompt)
 
 
 def pipeline_kwargs(config: RunConfig, pipe: Any) -> dict[str, Any]:
-    size = sources.default_size(config.model)
     kwargs: dict[str, Any] = {
         "prompt": prompts_of(config),
         "num_inference_steps": config.steps,
-        "height": config.height or size,
-        "width": config.width or size,
         "generator": torch.Generator().manual_seed(config.seed),
         "output_type": "pil",
     }
+    builtin = sources.BUILTIN_SOURCES.get(config.model)
+    height = config.height or (builtin.default_size if builtin else None)  # else the pipeline's own default
+    width = config.width or (builtin.default_size if builtin else None)
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
     if config.negative_prompt is not None:
         kwargs["negative_prompt"] = config.negative_prompt
     if config.guidance_scale is not None:
@@ -74,16 +83,25 @@ def generate_with(pipe: Any, config: RunConfig) -> tuple[list[Any], dict[str, An
 
 def write_run(out_dir: Path, config: RunConfig, images: list[Any], record: dict[str, Any]) -> Path:
     """PNGs and record.json, written to ``out_dir`` via a ``.partial`` sibling (never half-written)."""
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    names = []
-    for index, image in enumerate(images):
-        name = f"{index:03d}.png"
-        image.save(partial / name)
-        names.append(name)
-    full = {"config": config_to_dict(config), "images": names, "versions": versions(), "seed": config.seed, **record}
-    (partial / "record.json").write_text(json.dumps(full, indent=2))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        names = []
+        for index, image in enumerate(images):
+            name = f"{index:03d}.png"
+            image.save(partial / name)
+            names.append(name)
+        full = {
+            "config": config_to_dict(config),
+            "images": names,
+            "versions": versions(),
+            "seed": config.seed,
+            **record,
+        }
+        (partial / "record.json").write_text(json.dumps(full, indent=2))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
@@ -92,7 +110,7 @@ def write_run(out_dir: Path, config: RunConfig, images: list[Any], record: dict[
 
 def run_generate(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     load_start = time.perf_counter()
-    pipe = sources.load_pipeline(config.model, config.model_options, seed=0)
+    pipe = sources.load_pipeline(config.model, config.model_options, seed=0).to(default_device())
     load_seconds = time.perf_counter() - load_start
     images, record = generate_with(pipe, config)
     record = {**record, "load_seconds": load_seconds}

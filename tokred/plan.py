@@ -203,10 +203,15 @@ def _assemble(
         flat_slot = maps.assignment + (torch.arange(layout.num_groups, device=layout.index.device) * d).view(1, -1, 1)
         dest_of_slot = flat_slot if slot_dest is None else slot_dest[flat_slot]
         unmerge_index = dest_of_slot.flatten(1).index_select(1, layout.inverse)
-    sizes = None
     if maps.sizes is not None:
-        sizes = maps.sizes.to(torch.float32).flatten(1)
-        sizes = sizes if dest_slots is None else sizes.index_select(1, dest_slots)
+        group_sizes = maps.sizes.to(torch.float32)
+    elif maps.unmerge is not None:  # a destination stands for the unmerge mass it hands out
+        group_sizes = maps.unmerge.to(torch.float32).sum(-2)
+    else:
+        group_sizes = torch.nn.functional.one_hot(maps.assignment, d).to(torch.float32)
+        group_sizes = (group_sizes * layout.valid.unsqueeze(-1)).sum(-2)
+    sizes = group_sizes.flatten(1)
+    sizes = sizes if dest_slots is None else sizes.index_select(1, dest_slots)
     return MergePlan(
         grid=grid,
         destinations=global_destinations,

@@ -15,13 +15,14 @@ import itertools
 import json
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokred.config import RunConfig, load_config
-from tokred.errors import ConfigError, ConfigIssue, UnknownPartError
+from tokred.config import RunConfig, config_to_dict, load_config
+from tokred.errors import ConfigError, ConfigIssue, TokredError, UnknownPartError
 
 
 class SweepGrid(BaseModel):
@@ -45,9 +46,13 @@ def load_sweep_config(source: str | None, overrides: list[str]) -> SweepConfig:
 
     data = merge_layers([source] if source else [], overrides)
     config = validate_plain(SweepConfig, data)
+    probe = {"seed": config.grid.seeds[0], "prompt": config.grid.prompts[0]}
+    item_config(config, {**probe, "strategy": "baseline", "ratio": 0.0}, "run")
     for index, name in enumerate(config.grid.strategies):
         if name != "baseline":
-            item_config(config, {"strategy": name, "ratio": 0.5, "seed": 0, "prompt": "x"}, f"grid.strategies.{index}")
+            item_config(config, {**probe, "strategy": name, "ratio": config.grid.ratios[0]}, f"grid.strategies.{index}")
+            for r_index, ratio in enumerate(config.grid.ratios):
+                item_config(config, {**probe, "strategy": name, "ratio": ratio}, f"grid.ratios.{r_index}")
     return config
 
 
@@ -57,7 +62,8 @@ def expand(config: SweepConfig) -> list[dict[str, Any]]:
     grid = config.grid
     for strategy, ratio, seed, prompt in itertools.product(grid.strategies, grid.ratios, grid.seeds, grid.prompts):
         item = {"strategy": strategy, "ratio": 0.0 if strategy == "baseline" else ratio, "seed": seed, "prompt": prompt}
-        key = json.dumps({"run": config.run, **item}, sort_keys=True)
+        # the id hashes what the item runs (the resolved config), not names: an edited preset is a new item
+        key = json.dumps(config_to_dict(item_config(config, item)), sort_keys=True)
         item["id"] = hashlib.sha1(key.encode()).hexdigest()[:12]
         items.setdefault(item["id"], item)
     return list(items.values())
@@ -77,6 +83,13 @@ def item_config(config: SweepConfig, item: dict[str, Any], where: str = "") -> R
         raise
 
 
+def _append_line(path: Path, line: str) -> None:
+    """Append one JSON line; a line cut short by an interrupted run is ended first, so it cannot swallow this one."""
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with path.open("a") as handle:
+        handle.write(("\n" if torn else "") + line + "\n")
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -91,18 +104,27 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class Distributed:
     """Rank, world size and barrier: accelerate's PartialState under torchrun (cpu=True without a GPU)."""
 
     def __init__(self) -> None:
         self.state = None
         self.rank, self.world = 0, 1
+        self.device = "cuda" if _cuda() else "cpu"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch
             from accelerate import PartialState
 
-            self.state = PartialState(cpu=not torch.cuda.is_available())
+            # a generous timeout: ranks that finish early wait at the barrier for the slowest one
+            self.state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=2))
             self.rank, self.world = self.state.process_index, self.state.num_processes
+            self.device = self.state.device
             expected = int(os.environ["WORLD_SIZE"])
             if self.world != expected:
                 raise RuntimeError(f"accelerate sees {self.world} processes but WORLD_SIZE is {expected}")
@@ -127,7 +149,7 @@ def run_sweep(
     todo = [item for item in mine if item["id"] not in done]
     if todo:
         first = item_config(config, todo[0])
-        pipe = sources.load_pipeline(first.model, first.model_options, seed=0)  # once per rank
+        pipe = sources.load_pipeline(first.model, first.model_options, seed=0).to(dist.device)  # once per rank
         for index, item in enumerate(todo):
             run_config = item_config(config, item)
             images, record = generate_with(pipe, run_config)
@@ -138,8 +160,7 @@ def run_sweep(
                 else 1.0
             )
             row = {**item, "seconds": record["seconds"], "tokens_kept": kept, "rank": dist.rank}
-            with jsonl.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            _append_line(jsonl, json.dumps(row))
             if progress is not None:
                 progress(index + 1, len(todo))
     dist.barrier()
@@ -159,12 +180,12 @@ def run_sweep(
 def merge_results(out_dir: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rank 0: one row per item (in grid order) from every rank's JSONL, with PSNR/SSIM against the baseline
     item of the same seed and prompt when the grid has one."""
-    from tokred.evaluate import load_image, psnr, ssim
+    from tokred.evaluate import finite, load_image, psnr, ssim
 
     rows = {row["id"]: row for path in sorted(out_dir.glob("results.rank*.jsonl")) for row in _read_jsonl(path)}
     missing = [item["id"] for item in items if item["id"] not in rows]
     if missing:
-        raise RuntimeError(f"{len(missing)} items have no result: {', '.join(missing[:5])}")
+        raise TokredError(f"{len(missing)} items have no result yet ({', '.join(missing[:5])}): run the sweep again")
     baselines = {(r["seed"], r["prompt"]): r["id"] for r in rows.values() if r["strategy"] == "baseline"}
     table = []
     for item in items:
@@ -176,7 +197,7 @@ def merge_results(out_dir: Path, items: list[dict[str, Any]]) -> list[dict[str, 
             row["psnr"], row["ssim"] = psnr(a, b), ssim(a, b)
         table.append(row)
     partial = out_dir / "results.jsonl.partial"
-    partial.write_text("".join(json.dumps(row) + "\n" for row in table))
+    partial.write_text("".join(json.dumps(finite(row)) + "\n" for row in table))
     partial.replace(out_dir / "results.jsonl")
     fields = ["id", "strategy", "ratio", "seed", "prompt", "seconds", "tokens_kept", "psnr", "ssim", "rank"]
     with (out_dir / "results.csv.partial").open("w", newline="") as handle:

@@ -67,6 +67,14 @@ def _shared_destinations(plan: MergePlan) -> Tensor:
     return plan.destinations[0]  # built with share_batch: every row is the same
 
 
+def accepts_key_bias(attention: torch.nn.Module) -> bool:
+    """Proportional attention needs an additive mask, which diffusers' flash and sage backends refuse: it is
+    used only with the default (native) backend."""
+    processor = getattr(attention, "processor", None)
+    backend = getattr(getattr(processor, "original", processor), "_attention_backend", None)
+    return backend is None or str(getattr(backend, "value", backend)) == "native"
+
+
 def joint_key_bias(plan: MergePlan, text_len: int, dtype: torch.dtype) -> Tensor:
     """(B, 1, 1, L+D): 0 on the text keys, log(size) on the merged image keys (proportional attention)."""
     sizes = plan.log_sizes(dtype)
@@ -96,7 +104,7 @@ class FluxAttentionSiteHook(TokenSiteHook):
         self._pending = plan
         rope = gather_rope(rope, text.shape[1], _shared_destinations(plan))
         kwargs = {**kwargs, "hidden_states": plan.merge(hidden), "image_rotary_emb": rope}
-        if self.engine.proportional:
+        if self.engine.proportional and accepts_key_bias(module):
             kwargs["attention_mask"] = joint_key_bias(plan, text.shape[1], hidden.dtype)
         return args, kwargs
 
@@ -125,7 +133,7 @@ class FluxSingleBlockSiteHook(TokenSiteHook):
         self._pending = (plan, hidden, merged)
         rope = gather_rope(rope, text.shape[1], _shared_destinations(plan))
         kwargs = {**kwargs, "hidden_states": merged, "image_rotary_emb": rope}
-        if self.engine.proportional:
+        if self.engine.proportional and accepts_key_bias(module.attn):
             kwargs["joint_attention_kwargs"] = {"attention_mask": joint_key_bias(plan, text.shape[1], hidden.dtype)}
         return args, kwargs
 
@@ -182,7 +190,8 @@ class ReducedKVProcessor:
             return torch.cat((t[:, :text_len], image), dim=1)
 
         key, value = reduce(key), reduce(value)
-        bias = joint_key_bias(plan, text_len, query.dtype) if self.hook.engine.proportional else None
+        use_bias = self.hook.engine.proportional and accepts_key_bias(attn)
+        bias = joint_key_bias(plan, text_len, query.dtype) if use_bias else None
         out = dispatch_attention_fn(  # the backend (and parallel config) the original processor was given
             query,
             key,
