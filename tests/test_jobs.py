@@ -442,3 +442,17 @@ def test_sweep_under_torchrun_equals_the_single_process_run(tmp_path):
     for rank in (0, 1):
         lines = (tmp_path / "two" / f"results.rank{rank}.jsonl").read_text().splitlines()
         assert len(lines) == 5
+
+
+def test_published_result_directories_are_ordinary_directories(tmp_path):
+    from tokred.results import publish_dir
+
+    out = tmp_path / "result"
+    publish_dir(out, lambda partial: (partial / "a.txt").write_text("x"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~mask)
+    with pytest.raises(RuntimeError):
+        publish_dir(out, lambda partial: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert (out / "a.txt").read_text() == "x"  # a failed write leaves the earlier result alone
+    assert [p.name for p in tmp_path.iterdir()] == ["result"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from tokred import sources
 from tokred.compare import Method, Row, compare, format_rows
 from tokred.errors import ConfigError, ConfigIssue
 from tokred.inputs import denoiser_inputs
+from tokred.results import publish_dir
 
 PEERS = ("baseline", "tomesd")
 
@@ -188,17 +187,7 @@ def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], obje
     call, latent = denoiser_call(model, config)
     methods, notes = methods_for(config, model)
     rows = compare(model, call, methods, repeats=config.repeats, progress=progress)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
-        report = _write_report(config, model, call, latent, rows, notes, partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
-    return report
+    return publish_dir(out_dir, lambda partial: _write_report(config, model, call, latent, rows, notes, partial))
 
 
 def _write_report(config, model, call, latent, rows, notes, partial: Path) -> dict[str, Any]:  # type: ignore[no-untyped-def]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import torch
 
 from tokred import sources
 from tokred.config import RunConfig, config_to_dict
+from tokred.results import publish_dir
 
 
 def versions() -> dict[str, str]:
@@ -82,10 +81,9 @@ def generate_with(pipe: Any, config: RunConfig) -> tuple[list[Any], dict[str, An
 
 
 def write_run(out_dir: Path, config: RunConfig, images: list[Any], record: dict[str, Any]) -> Path:
-    """PNGs and record.json, written to ``out_dir`` via a ``.partial`` sibling (never half-written)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
+    """PNGs and record.json, published whole into ``out_dir`` (never half-written)."""
+
+    def write(partial: Path) -> Path:
         names = []
         for index, image in enumerate(images):
             name = f"{index:03d}.png"
@@ -99,13 +97,9 @@ def write_run(out_dir: Path, config: RunConfig, images: list[Any], record: dict[
             **record,
         }
         (partial / "record.json").write_text(json.dumps(full, indent=2))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
-    return out_dir
+        return out_dir
+
+    return publish_dir(out_dir, write)
 
 
 def run_generate(config: RunConfig, out_dir: Path) -> dict[str, Any]:
