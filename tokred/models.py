@@ -133,6 +133,25 @@ def tiny_clip_config(hidden: int = 32):  # type: ignore[no-untyped-def]
     )
 
 
+def t5_encoder(*, d_model: int, d_ff: int, d_kv: int, num_layers: int, num_heads: int):  # type: ignore[no-untyped-def]
+    """A T5 text encoder with the in-memory tokenizer's vocabulary (random weights)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=1000,
+        d_model=d_model,
+        d_ff=d_ff,
+        d_kv=d_kv,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
 def tiny_sdxl_pipeline(*, text_encoders: bool = True, seed: int = 0):  # type: ignore[no-untyped-def]
     """A StableDiffusionXLPipeline with the SDXL layout at test widths (about 1 s for 2 steps at 256 px)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -206,24 +225,11 @@ def tiny_flux_pipeline(*, text_encoders: bool = True, seed: int = 0):  # type: i
     transformer = flux_transformer(TINY_FLUX_CONFIG, seed=seed)
     te1 = te2 = tok1 = tok2 = None
     if text_encoders:
-        from transformers import CLIPTextModel, T5Config, T5EncoderModel
+        from transformers import CLIPTextModel
 
         torch.manual_seed(seed + 1)
         te1 = CLIPTextModel(tiny_clip_config()).eval()
-        te2 = T5EncoderModel(
-            T5Config(
-                vocab_size=1000,
-                d_model=32,
-                d_ff=37,
-                d_kv=8,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                decoder_start_token_id=0,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        ).eval()
+        te2 = t5_encoder(d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4)
         tok1, tok2 = clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(seed + 2)
     pipe = FluxPipeline(

@@ -152,27 +152,14 @@ def random_flux_transformer(options: RandomFluxOptions, seed: int = 0):  # type:
 
 def _random_flux_pipeline(options: RandomFluxOptions, seed: int):  # type: ignore[no-untyped-def]
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
-    from tokred.models import clip_tokenizer, t5_tokenizer, tiny_clip_config, tiny_vae
+    from tokred.models import clip_tokenizer, t5_encoder, t5_tokenizer, tiny_clip_config, tiny_vae
 
     transformer = random_flux_transformer(options, seed)
     torch.manual_seed(seed + 1)
     clip = CLIPTextModel(tiny_clip_config(768)).eval()
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=1000,
-            d_model=4096,
-            d_ff=64,
-            d_kv=64,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    ).eval()
+    t5 = t5_encoder(d_model=4096, d_ff=64, d_kv=64, num_layers=1, num_heads=2)  # FLUX.1 width, one layer
     vae = tiny_vae(0.3611, 0.1159, latent_channels=16)  # FLUX.1's VAE has 16 latent channels
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
