@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import (
+from hypothesis_tokens import (
     MERGES,
     grids,
     localities,

@@ -71,9 +71,17 @@ def test_config_show_unknown_preset_exits_2(test_registries, capsys):
 def test_config_schema_is_json_with_registered_parts(test_registries, capsys):
     code, out, _ = run_cli(capsys, "config", "schema")
     assert code == 0
-    schema = json.loads(out)
+    schemas = json.loads(out)
+    assert set(schemas) == {"reduction", "generate", "bench", "sweep"}
+    schema = schemas["reduction"]
     assert "EveryOtherSelector" in schema["$defs"]
     assert schema["properties"]["ratio"]["exclusiveMaximum"] == 1.0
+    assert "steps" not in schema["properties"] and "prompt" not in schema["properties"]
+    generate = schemas["generate"]
+    assert "steps" in generate["properties"] and "reduction" in generate["properties"]
+    assert "ratio" not in generate["properties"]  # reduction settings sit under `reduction`
+    code, out, _ = run_cli(capsys, "config", "schema", "reduction")
+    assert code == 0 and json.loads(out) == schema
 
 
 def test_usage_errors_exit_2(capsys):
@@ -184,3 +192,33 @@ def test_config_presets_lists_shipped_presets(capsys):
     assert code == 0
     names = {line.split()[0] for line in out.splitlines()}
     assert {"toma", "toma_stripe", "random", "grid", "todo", "tomesd_like"} <= names
+
+
+def test_config_show_prints_the_reduction_only_and_a_job_on_request(capsys):
+    code, out, err = run_cli(capsys, "config", "show", "toma")
+    assert code == 0, err
+    data = yaml.safe_load(out)
+    assert data["ratio"] == 0.5 and data["selector"] == {"name": "toma"}
+    assert not {"prompt", "model", "steps", "seed"} & set(data)
+    code, out, err = run_cli(capsys, "config", "show", "--job", "generate", "toma", "steps=2", "ratio=0.3")
+    assert code == 0, err
+    data = yaml.safe_load(out)
+    assert data["steps"] == 2 and data["reduction"]["ratio"] == 0.3 and "ratio" not in data
+    code, _, err = run_cli(capsys, "config", "show", "toma", "steps=2")
+    assert code == 2 and "'steps' is a generation setting" in err
+
+
+def test_commands_are_listed_by_importance_and_share_their_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    names = [cmd.name for cmd in sorted(cli.COMMANDS, key=lambda c: c.rank) if cmd.group is None]
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.split()]
+    listed = [word for word in listed if word in names or word == "config"]
+    assert listed[:5] == ["bench", "generate", "eval", "sweep", "config"]
+    assert all(cmd.help for cmd in cli.COMMANDS)  # every command has a help line (its docstring)
+    parser = cli.build_parser()
+    for name in ("bench", "generate", "bench-ops"):
+        sub = parser._subparsers._group_actions[0].choices[name]  # argparse keeps subparsers here
+        flags = {flag for action in sub._actions for flag in action.option_strings}
+        assert {"--out", "--quiet", "--threads", "--device", "--dtype"} <= flags, name

@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_sdxl import unet_inputs
 
-from tokred.compare import Method, compare, format_rows
-from tokred.flops import count_flops
-from tokred.models import TINY_SDXL_UNET_CONFIG, unet_from_config
+from tokred.bench.compare import Method, compare, format_rows
+from tokred.bench.flops import count_flops
+from tokred.jobs.testbed import TINY_SDXL_UNET_CONFIG, unet_from_config
 
 
 def test_flop_count_includes_cpu_attention_and_matmuls():
@@ -52,8 +52,8 @@ def test_compare_needs_the_baseline_first():
 
 
 def test_bench_sdxl_block_and_unet_at_test_size():
-    from tokred import bench_sdxl
-    from tokred.models import TINY_SDXL_UNET_CONFIG
+    from tokred.bench import sdxl as bench_sdxl
+    from tokred.jobs.testbed import TINY_SDXL_UNET_CONFIG
 
     rows, setup = bench_sdxl.bench_block(dim=32, heads=2, cross_dim=16, grid=8, batch=1, repeats=1)
     assert [row.name for row in rows] == ["baseline", "toma attn1", "toma attn1+ff"]
@@ -65,8 +65,8 @@ def test_bench_sdxl_block_and_unet_at_test_size():
 
 
 def test_bench_flux_at_test_size():
-    from tokred import bench_flux
-    from tokred.models import TINY_FLUX_CONFIG
+    from tokred.bench import flux as bench_flux
+    from tokred.jobs.testbed import TINY_FLUX_CONFIG
 
     rows, setup = bench_flux.bench_flux(
         double=1, single=2, size=128, text_len=7, repeats=1, config=dict(TINY_FLUX_CONFIG, in_channels=16)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from plugin_helpers import merge_plugin, selectors_plugin
 
-from tokred.config import config_to_dict, config_to_yaml, list_presets, load_config, run_config_model
+from tokred.config import config_to_dict, config_to_yaml, list_presets, load_config, reduction_config_model
 from tokred.errors import ConfigError, UnknownPartError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,9 @@ def test_interpolation_is_resolved(registries, tmp_path):
         ("ratio=-0.1", ["ratio:", "greater than or equal to 0"]),
         ("mode=fast", ["mode:", "'tokens' or 'kv'", "given: 'fast'"]),
         ("sites=[attn3]", ["sites.0:", "'attn1', 'attn2' or 'ff'", "given: 'attn3'"]),
-        ("bogus=1", ["bogus:", "unknown key 'bogus'", "allowed: ratio, mode, sites, proportional, model,"]),
+        ("bogus=1", ["bogus:", "unknown key 'bogus'", "allowed: ratio, mode, sites, proportional, selector,"]),
+        ("ratoi=0.3", ["ratoi:", "unknown key 'ratoi' (did you mean 'ratio'?)"]),
+        ("steps=50", ["steps:", "'steps' is a generation setting", "not a reduction setting"]),
         ("selector.bogus=1", ["selector.bogus:", "unknown key 'bogus'", "allowed: name, start"]),
         ("selector.start=7", ["selector.start:", "less than or equal to 1", "given: 7"]),
         ("merge.temperature=-1", ["merge.temperature:", "greater than 0"]),
@@ -185,7 +187,7 @@ def test_yaml_round_trip_puts_name_first(registries):
 
 
 def test_schema_lists_every_registered_part(registries):
-    schema = run_config_model(registries).model_json_schema()
+    schema = reduction_config_model(registries).model_json_schema()
     names = {ref["$ref"].rsplit("/", 1)[-1] for ref in schema["properties"]["selector"]["anyOf"][0]["oneOf"]}
     assert names == {"EveryOtherSelector", "AlternateSelector"}
     assert schema["additionalProperties"] is False
@@ -205,3 +207,37 @@ def test_shipped_example_configs_validate():
     assert paths, "examples/ should hold example configs"
     for path in paths:
         load_config(path, registries=default_registries())
+
+
+# --- job configs hold a reduction config ---------------------------------------------------------------------
+
+
+def test_job_configs_take_flat_or_nested_reduction_keys_and_presets(tmp_path):
+    from tokred.jobs.config import load_generate_config
+
+    flat = write(
+        tmp_path / "flat.yaml", "model: tiny:flux\nsteps: 2\nratio: 0.3\nlocality: {name: tiles, size: [4, 4]}\n"
+    )
+    nested = write(
+        tmp_path / "nested.yaml",
+        "model: tiny:flux\nsteps: 2\nreduction: {ratio: 0.3, locality: {name: tiles, size: [4, 4]}}\n",
+    )
+    a, b = load_generate_config(flat), load_generate_config(nested)
+    assert a == b and a.reduction.ratio == 0.3 and a.reduction.locality.size == (4, 4)
+    preset = write(tmp_path / "preset.yaml", "model: tiny:flux\nreduction: toma_flux\n")
+    config = load_generate_config(preset, overrides=["ratio=0.25", "steps=3"])
+    assert config.reduction.locality.size == (4, 4) and config.reduction.ratio == 0.25 and config.steps == 3
+    from_preset = load_generate_config("toma", overrides=["model=tiny:sdxl", "steps=2", "ratio=0.3"])
+    assert (from_preset.model, from_preset.steps, from_preset.reduction.ratio) == ("tiny:sdxl", 2, 0.3)
+    assert "steps" not in config_to_dict(from_preset.reduction)
+
+
+def test_job_config_errors_suggest_across_job_and_reduction_keys():
+    from tokred.jobs.config import load_generate_config
+
+    with pytest.raises(ConfigError) as info:
+        load_generate_config("toma", overrides=["stpes=2", "ratoi=0.3", "ratio=2"])
+    message = str(info.value)
+    assert "stpes: unknown key 'stpes' (did you mean 'steps'?)" in message
+    assert "ratoi: unknown key 'ratoi' (did you mean 'ratio'?)" in message
+    assert "ratio: Input should be less than 1 (given: 2)" in message

@@ -12,7 +12,7 @@ import tokred
 from tokred.adapters.flux import gather_rope, grid_from_ids
 from tokred.adapters.hooks import tokred_hooks
 from tokred.errors import ConfigError
-from tokred.models import TINY_FLUX_CONFIG, flux_transformer, tiny_flux_pipeline
+from tokred.jobs.testbed import TINY_FLUX_CONFIG, flux_transformer, tiny_flux_pipeline
 from tokred.plan import build_plan
 from tokred.strategies.base import select_by_priority
 from tokred.strategies.localities import TileLocality
@@ -86,7 +86,7 @@ def test_toma_flux_preset_follows_the_reference_block_ranges(pipe, baseline):
     assert merged == {"transformer_blocks.1.attn", "single_transformer_blocks.1", "single_transformer_blocks.2"}
     assert builds == 2 * 2  # one per block kind and step: rebuilt at its first merging block, reused after
     config = tokred.load_config("toma_flux", overrides=["schedule.steps=0-/3"])
-    schedule = tokred.Strategy.from_config(config, tokred.plugins.default_registries()).schedule
+    schedule = tokred.Reduction.from_config(config, tokred.plugins.default_registries()).schedule
     from tokred.strategies.base import SiteInfo
 
     site = SiteInfo("single_transformer_blocks.7", "attn1", "single", 7)
@@ -133,9 +133,9 @@ def test_true_cfg_counts_one_step_per_two_calls(pipe):
 
 
 def test_bad_sites_are_clear_errors(pipe):
-    with pytest.raises(ConfigError, match="Flux has no cross-attention"):
+    with pytest.raises(ConfigError, match="Flux has no attn2 site; its sites: attn1, ff"):
         tokred.apply(pipe, "toma", sites=["attn1", "attn2"])
-    with pytest.raises(ConfigError, match="mode kv reduces attention keys and values"):
+    with pytest.raises(ConfigError, match=r"ff cannot run in mode kv on Flux.*sites that can: attn1"):
         tokred.apply(pipe, "toma", mode="kv", sites=["attn1", "ff"])
     assert not tokred_hooks(pipe.transformer)
 

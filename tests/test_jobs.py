@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tokred import cli
-from tokred.evaluate import evaluate, frechet_distance, psnr, ssim
+from tokred.jobs.evaluate import evaluate, frechet_distance, psnr, ssim
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_generate_writes_pngs_and_a_record(capsys, tmp_path, model):
 
 
 def test_generate_from_a_saved_local_pipeline(capsys, tmp_path):
-    from tokred.models import tiny_sdxl_pipeline
+    from tokred.jobs.testbed import tiny_sdxl_pipeline
 
     saved = tmp_path / "pipe"
     tiny_sdxl_pipeline().save_pretrained(saved)
@@ -83,12 +83,12 @@ def test_generate_is_reproducible_and_ratio_zero_is_the_baseline(capsys, tmp_pat
 
 
 def test_a_failed_generate_leaves_no_result_that_looks_complete(capsys, tmp_path, monkeypatch):
-    import tokred.generate
+    import tokred.jobs.generate
 
     def broken():
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(tokred.generate, "versions", broken)
+    monkeypatch.setattr(tokred.jobs.generate, "versions", broken)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="disk full"):
         cli.main(["generate", "toma", "model=tiny:sdxl", "steps=1", "height=64", "width=64", "--out", str(out)])
@@ -114,8 +114,11 @@ def test_a_failed_generate_leaves_no_result_that_looks_complete(capsys, tmp_path
         (["generate", "toma", "model=tiny:sdxl", "steps=0"], "steps: Input should be greater than or equal to 1"),
         (["bench", "model=tiny:sdxl", "methods=[toma]"], "methods: must start with baseline"),
         (["bench", "model=tiny:sdxl", "methods=[baseline,tomaa]"], "methods.1: unknown method 'tomaa'"),
-        (["bench", "repeat=2"], "repeat: unknown key 'repeat'; allowed: model, model_options, methods"),
-        (["sweep", "grid.strategies=[toma,nope]"], "grid.strategies.1"),
+        (
+            ["bench", "repeat=2"],
+            "repeat: unknown key 'repeat' (did you mean 'repeats'?); allowed: model, model_options",
+        ),
+        (["sweep", "grid.methods=[toma,nope]"], "grid.methods.1"),
     ],
 )
 def test_bad_inputs_exit_2_with_a_clear_message(capsys, tmp_path, argv, fragment):
@@ -186,7 +189,7 @@ def test_bench_writes_table_json_csv_and_two_pictures(capsys, tmp_path, model):
 
 
 def test_bench_config_file_and_default(tmp_path):
-    from tokred.bench import BenchConfig, load_bench_config
+    from tokred.bench.job import BenchConfig, load_bench_config
 
     path = tmp_path / "b.yaml"
     path.write_text("model: tiny:sdxl\nmethods: [baseline, toma_stripe]\nratio: null\n")
@@ -295,7 +298,7 @@ def test_eval_cli_with_a_saved_local_vision_model(capsys, tmp_path):
 def test_eval_cli_clip_score_against_the_run_prompts(capsys, tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
-    from tokred.models import clip_tokenizer
+    from tokred.jobs.testbed import clip_tokenizer
 
     runs = {}
     for name, ratio in (("run", "0.5"), ("base", "0")):
@@ -363,7 +366,7 @@ def test_eval_cli_clip_score_against_the_run_prompts(capsys, tmp_path):
 SWEEP = """
 run: {model: "tiny:sdxl", steps: 2, height: 64, width: 64}
 grid:
-  strategies: [baseline, toma, random]
+  methods: [baseline, toma, random]
   ratios: [0.3, 0.6]
   seeds: [0, 1]
   prompts: ["a squirrel"]
@@ -375,7 +378,7 @@ def _sweep_rows(out: Path) -> list[dict]:
 
 
 def test_sweep_expands_with_stable_ids_and_resumes(tmp_path):
-    from tokred.sweep import expand, load_sweep_config, run_sweep
+    from tokred.jobs.sweep import expand, load_sweep_config, run_sweep
 
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
@@ -387,8 +390,8 @@ def test_sweep_expands_with_stable_ids_and_resumes(tmp_path):
     assert summary["ran_here"] == 10 and summary["skipped_here"] == 0
     rows = _sweep_rows(tmp_path / "out")
     assert [r["id"] for r in rows] == [i["id"] for i in items]
-    assert all(r["psnr"] is None and r["ssim"] == 1.0 for r in rows if r["strategy"] == "baseline")  # inf: null
-    assert all(r["psnr"] < 100 for r in rows if r["strategy"] != "baseline")
+    assert all(r["psnr"] is None and r["ssim"] == 1.0 for r in rows if r["method"] == "baseline")  # inf: null
+    assert all(r["psnr"] < 100 for r in rows if r["method"] != "baseline")
     again = run_sweep(config, tmp_path / "out")
     assert again["ran_here"] == 0 and again["skipped_here"] == 10
     bigger = load_sweep_config(str(path), ["grid.seeds=[0,1,2]"])
@@ -445,7 +448,7 @@ def test_sweep_under_torchrun_equals_the_single_process_run(tmp_path):
 
 
 def test_published_result_directories_are_ordinary_directories(tmp_path):
-    from tokred.results import publish_dir
+    from tokred.jobs.results import publish_dir
 
     out = tmp_path / "result"
     publish_dir(out, lambda partial: (partial / "a.txt").write_text("x"))

@@ -11,7 +11,7 @@ import torch
 import tokred
 from tokred.adapters.hooks import tokred_hooks
 from tokred.errors import ConfigError, TokredError
-from tokred.models import TINY_SD1_UNET_CONFIG, TINY_SDXL_UNET_CONFIG, tiny_sdxl_pipeline, unet_from_config
+from tokred.jobs.testbed import TINY_SD1_UNET_CONFIG, TINY_SDXL_UNET_CONFIG, tiny_sdxl_pipeline, unet_from_config
 
 PRESETS = ("toma", "toma_stripe", "random", "grid", "todo", "tomesd_like")
 
@@ -81,7 +81,7 @@ def test_all_sites_in_tokens_mode(pipe, baseline):
 
 
 def test_kv_mode_only_reduces_self_attention(pipe):
-    with pytest.raises(ConfigError, match="mode kv reduces the keys and values of self-attention"):
+    with pytest.raises(ConfigError, match=r"attn2 cannot run in mode kv on the UNet.*sites that can: attn1"):
         tokred.apply(pipe, "todo", sites=["attn1", "attn2"])
     assert not tokred_hooks(pipe.unet)
 
@@ -313,3 +313,31 @@ def test_proportional_attention_weighs_merged_keys_by_their_size():
     assert not torch.equal(outs[True], outs[False])
     deviation = {k: float((v - base).norm() / base.norm()) for k, v in outs.items()}
     assert deviation[True] < deviation[False]
+
+
+def test_generation_settings_given_to_apply_are_refused_by_name(pipe):
+    with pytest.raises(ConfigError) as info:
+        tokred.apply(pipe, "toma", steps=50)
+    message = str(info.value)
+    assert "steps: 'steps' is a generation setting" in message and "not a reduction setting" in message
+    with pytest.raises(ConfigError, match="'prompt' is a generation setting"):
+        tokred.apply(pipe, {"ratio": 0.3, "prompt": "a cat"})
+    assert not tokred_hooks(pipe.unet)
+
+
+def test_reset_stateful_hooks_resets_a_patch_like_diffusers_cache_hooks():
+    """diffusers' own state machinery (``HookRegistry.reset_stateful_hooks``, run by pipelines at the end of each
+    call) ends tokred's run: the next call is step 0 again, with plans built afresh."""
+    from diffusers.hooks import HookRegistry
+
+    unet = unet_from_config(TINY_SDXL_UNET_CONFIG)
+    sample, _, ehs, kwargs = unet_inputs(unet)
+    with torch.no_grad(), tokred.patched(unet, "toma", schedule={"name": "interval", "every": 10}) as patch:
+        for t in (900, 800, 700):
+            unet(sample, torch.tensor(t), ehs, **kwargs)
+        assert patch.engine.step == 2 and patch.stats.total.plan_builds == 2  # two stages, built at step 0
+        hooks = [hook for _, _, hook in tokred_hooks(unet)]
+        assert hooks and all(hook._is_stateful for hook in hooks)
+        HookRegistry.check_if_exists_or_initialize(unet).reset_stateful_hooks()
+        unet(sample, torch.tensor(600), ehs, **kwargs)  # a smaller timestep would be step 3 without the reset
+        assert patch.engine.step == 0 and patch.stats.total.plan_builds == 4

@@ -15,25 +15,25 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from tokred.api import Patch, apply, patched, remove
-    from tokred.config import RunConfig, load_config
+    from tokred.config import ReductionConfig, load_config
     from tokred.plan import MergePlan
     from tokred.plugins import get_plugin_manager
+    from tokred.reduction import Reduction, make_plan
     from tokred.registry import Options, Registries
-    from tokred.strategy import Strategy, make_plan
 
 _LAZY = {
     "load_config": ("tokred.config", "load_config"),
-    "RunConfig": ("tokred.config", "RunConfig"),
+    "ReductionConfig": ("tokred.config", "ReductionConfig"),
     "get_plugin_manager": ("tokred.plugins", "get_plugin_manager"),
     "Options": ("tokred.registry", "Options"),
     "Registries": ("tokred.registry", "Registries"),
-    "make_plan": ("tokred.strategy", "make_plan"),
+    "make_plan": ("tokred.reduction", "make_plan"),
     "apply": ("tokred.api", "apply"),
     "remove": ("tokred.api", "remove"),
     "patched": ("tokred.api", "patched"),
     "Patch": ("tokred.api", "Patch"),
     "MergePlan": ("tokred.plan", "MergePlan"),
-    "Strategy": ("tokred.strategy", "Strategy"),
+    "Reduction": ("tokred.reduction", "Reduction"),
 }
 
 
@@ -51,9 +51,9 @@ __all__ = [
     "MergePlan",
     "Options",
     "Patch",
+    "Reduction",
+    "ReductionConfig",
     "Registries",
-    "RunConfig",
-    "Strategy",
     "TokredError",
     "UnknownPartError",
     "__version__",

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from tokred.config import ConfigSource
+from tokred.config import ConfigSource, ReductionConfig
 from tokred.engine import Engine, Stats
 from tokred.errors import TokredError
+from tokred.reduction import Reduction, resolve_reduction
 from tokred.registry import Registries
 from tokred.strategies.base import SiteInfo
-from tokred.strategy import Strategy, resolve_strategy
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 
@@ -51,8 +51,9 @@ class Patch:
         self.scheduler = scheduler  # the pipeline's scheduler, whose set_timesteps marks a new run
 
     @property
-    def config(self):  # type: ignore[no-untyped-def]
-        return self.engine.strategy.config
+    def config(self) -> ReductionConfig:
+        """The reduction config this patch runs."""
+        return self.engine.reduction.config
 
     @property
     def stats(self) -> Stats:
@@ -102,20 +103,24 @@ def resolve_adapter_name(model: torch.nn.Module, registries: Registries) -> str:
 
 def apply(
     target: Any,
-    config: ConfigSource | Strategy = "toma",
+    config: ConfigSource | Reduction = "toma",
     *,
     registries: Registries | None = None,
     time_plans: bool = False,
     **overrides: Any,
 ) -> Patch:
-    """Apply a token-reduction strategy to a diffusers pipeline or denoiser; replaces any earlier patch.
+    """Apply token reduction to a diffusers pipeline or denoiser; replaces any earlier patch.
 
-    Args:
+    Important args:
         target: a pipeline (its ``unet`` or ``transformer`` is patched) or a denoiser model.
-        config: a preset name, YAML path, mapping, run config or strategy.
+        config: a preset name (``"toma"``, ``"toma_flux"``), a YAML path, a mapping or a reduction config.
+        overrides: reduction settings, most often ``ratio`` (fraction of tokens removed), ``sites``
+            (``attn1``, ``attn2``, ``ff``) and ``mode`` (``tokens`` or ``kv``). Generation settings (``steps``,
+            ``prompt``, ...) belong to the pipeline call and are refused with a :class:`ConfigError` saying so.
+
+    Args to tinker with:
         registries: the parts to use (the installed plugins by default).
         time_plans: measure the time spent building plans (synchronises CUDA around each build).
-        overrides: config values, e.g. ``ratio=0.3``.
 
     Example:
         >>> patch = tokred.apply(pipe, "toma", ratio=0.5)
@@ -123,28 +128,38 @@ def apply(
         >>> patch.stats.total.plan_reuses
         >>> tokred.remove(pipe)
     """
-    from tokred.adapters.hooks import remove_hooks
-
     registries = _registries(registries)
     model = find_denoiser(target)
-    adapter_name = resolve_adapter_name(model, registries)
-    adapter = registries.part("adapter", adapter_name).build()
-    strategy = resolve_strategy(config, registries, **overrides)
-    adapter.check(strategy.config)  # a config the adapter refuses leaves any earlier patch in place
+    reduction = resolve_reduction(config, registries, **overrides)
+    adapter_name, adapter = _adapter_for(model, reduction.config, registries)
+    adapter.check(reduction.config)  # a config the adapter refuses leaves any earlier patch in place
     remove(target)
-    engine = Engine(strategy, time_plans=time_plans)
+    engine = Engine(reduction, time_plans=time_plans)
     try:
-        sites = adapter.attach(model, engine, strategy.config)
+        sites = adapter.attach(model, engine, reduction.config)
         if not sites:
             raise TokredError(
                 f"adapter {adapter_name!r} found no site in {type(model).__qualname__} for sites "
-                f"{list(strategy.config.sites)}"
+                f"{list(reduction.config.sites)}"
             )
     except BaseException:
-        remove_hooks(model, engine)  # nothing half-applied stays behind
+        adapter.detach(model, engine)  # nothing half-applied stays behind
         raise
     scheduler = _watch_runs(target, engine)
     return Patch(model, adapter_name, engine, sites, scheduler)
+
+
+def _adapter_for(model: torch.nn.Module, config: ReductionConfig, registries: Registries) -> tuple[str, Any]:
+    """The adapter the config names (``adapter: {name: ...}``), else the one that claims the model."""
+    section = getattr(config, "adapter", None)
+    if section is None:
+        name = resolve_adapter_name(model, registries)
+        return name, registries.part("adapter", name).build()
+    adapter = registries.build("adapter", section)
+    handles = getattr(adapter, "handles", None)
+    if handles is not None and not handles(model):
+        raise TokredError(f"adapter {section.name!r} (set by the config) does not handle {type(model).__qualname__}")
+    return section.name, adapter
 
 
 def _watch_runs(target: Any, engine: Engine) -> Any:
@@ -183,7 +198,7 @@ def remove(target: Any) -> bool:
 
 @contextlib.contextmanager
 def patched(
-    target: Any, config: ConfigSource | Strategy = "toma", *, registries: Registries | None = None, **overrides: Any
+    target: Any, config: ConfigSource | Reduction = "toma", *, registries: Registries | None = None, **overrides: Any
 ) -> Iterator[Patch]:
     """``with tokred.patched(pipe, "toma", ratio=0.5) as patch: ...`` — removed on exit, even on error."""
     patch = apply(target, config, registries=registries, **overrides)

@@ -1,6 +1,7 @@
-"""Run configs: pydantic models are the schema, OmegaConf loads, layers and overrides.
+"""Reduction configs: what ``apply``, ``patched``, ``make_plan`` and the presets take.
 
-A run config names each part by its registered name, with that part's options beside it::
+A reduction config says how much to reduce, where, and with which registered parts, each named by its
+registered name with that part's options beside it::
 
     ratio: 0.5
     mode: tokens
@@ -9,12 +10,15 @@ A run config names each part by its registered name, with that part's options be
     locality: {name: tiles, size: [8, 8]}
     schedule: {name: interval, every: 5}
 
-The schema of the part sections depends on which plugins are installed, so the validating model is built
-from a :class:`~tokred.registry.Registries` by :func:`run_config_model`.
+It holds reduction settings only. What a job runs (model, prompt, steps, ...) lives in the job configs of
+:mod:`tokred.jobs`, each of which holds one reduction config. Pydantic models are the schema; OmegaConf loads,
+layers and applies ``key=value`` overrides. The part sections depend on which plugins are installed, so the
+validating model is built from a :class:`~tokred.registry.Registries` by :func:`reduction_config_model`.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -52,11 +56,34 @@ DEFAULT_PART_NAMES: dict[str, str] = {
     "schedule": "interval",
 }
 
+#: settings that belong to a job, not to a reduction: key -> what the key is (for errors that say so)
+JOB_SETTINGS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "model",
+            "model_options",
+            "prompt",
+            "negative_prompt",
+            "seed",
+            "steps",
+            "height",
+            "width",
+            "guidance_scale",
+            "images",
+            "device",
+            "dtype",
+        ),
+        "a generation setting (give it to the pipeline call, or to `tokred generate`)",
+    ),
+    **dict.fromkeys(("methods", "repeats", "batch", "text_tokens", "warmup"), "a bench setting (`tokred bench`)"),
+    **dict.fromkeys(("grid", "run"), "a sweep setting (`tokred sweep`)"),
+}
+
 Site = Literal["attn1", "attn2", "ff"]
 
 
-class RunConfig(BaseModel):
-    """What to reduce, how much, and with which parts."""
+class ReductionConfig(BaseModel):
+    """How much to reduce, where, and with which parts: everything ``tokred.apply`` takes, nothing else."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -75,20 +102,6 @@ class RunConfig(BaseModel):
         description="proportional attention: merged keys get log(tokens they stand for) added to their logits",
     )
 
-    model: str = Field(
-        "tiny:sdxl",
-        description="model source: tiny:sdxl, tiny:flux, random:sdxl, random:flux, a "
-        "local pipeline directory or a hub id",
-    )
-    model_options: dict[str, Any] = Field(default_factory=dict, description="options of a built-in model source")
-    prompt: str | list[str] = Field("a photo of a squirrel in the snow", description="one prompt or a list")
-    negative_prompt: str | None = None
-    seed: int = Field(0, description="seed of the generator: same seed, same starting noise")
-    steps: int = Field(4, ge=1, description="denoising steps")
-    height: int | None = Field(None, ge=16, description="image height (the source's default when null)")
-    width: int | None = Field(None, ge=16, description="image width (the source's default when null)")
-    guidance_scale: float | None = Field(None, description="the pipeline's default when null")
-
     @field_validator("sites")
     @classmethod
     def _distinct_sites(cls, sites: tuple[str, ...]) -> tuple[str, ...]:
@@ -98,13 +111,18 @@ class RunConfig(BaseModel):
         return sites
 
 
+#: every top-level key of a reduction config
+def reduction_keys() -> tuple[str, ...]:
+    return (*ReductionConfig.model_fields, *PART_FIELDS, "adapter")
+
+
 def _part_tag(value: Any) -> str | None:
     name = value.get("name") if isinstance(value, Mapping) else getattr(value, "name", None)
     return name if isinstance(name, str) else None
 
 
 def part_options_model(part: Part) -> type[BaseModel]:
-    """The part's options model with its ``name`` added, as it appears in a run config."""
+    """The part's options model with its ``name`` added, as it appears in a config."""
     title = "".join(word.capitalize() for word in f"{part.name}_{part.kind}".split("_"))
     return create_model(
         title,
@@ -123,9 +141,20 @@ def _nothing_registered(kind: str):  # type: ignore[no-untyped-def]
     return check
 
 
-def run_config_model(registries: Registries) -> type[RunConfig]:
-    """The :class:`RunConfig` subclass whose part sections are the parts registered in ``registries``."""
-    cached = registries._cache.get("run_config_model")
+def _part_union(parts: list[Part]) -> Any:
+    models = {part.name: part_options_model(part) for part in parts}
+    members = tuple(Annotated[model, Tag(name)] for name, model in models.items())
+    return Annotated[Union[members], Discriminator(_part_tag)], models  # noqa: UP007
+
+
+def reduction_config_model(registries: Registries) -> type[ReductionConfig]:
+    """The :class:`ReductionConfig` subclass whose part sections are the parts registered in ``registries``.
+
+    Besides ``selector``, ``merge``, ``locality`` and ``schedule`` it has an optional ``adapter`` section:
+    ``{name: flux, ...options}`` forces that adapter and sets its options; left out, the adapter is found from
+    the model and takes its default options.
+    """
+    cached = registries._cache.get("reduction_config_model")
     if cached is not None:
         return cached
     fields: dict[str, Any] = {}
@@ -134,16 +163,23 @@ def run_config_model(registries: Registries) -> type[RunConfig]:
         if not parts:
             fields[key] = (Annotated[Any, AfterValidator(_nothing_registered(kind))], None)
             continue
-        models = {part.name: part_options_model(part) for part in parts}
-        members = tuple(Annotated[model, Tag(name)] for name, model in models.items())
-        union = Annotated[Union[members], Discriminator(_part_tag)]  # noqa: UP007
+        union, models = _part_union(parts)
         default_name = DEFAULT_PART_NAMES.get(key)
         if default_name in models:
             fields[key] = (union, Field(default_factory=models[default_name], description=f"the {kind}"))
         else:
             fields[key] = (union | None, Field(None, description=f"the {kind} (none by default)"))
-    model = create_model("RunConfig", __base__=RunConfig, __doc__=RunConfig.__doc__, **fields)
-    registries._cache["run_config_model"] = model
+    adapters = list(registries["adapter"])
+    if adapters:
+        union, _ = _part_union(adapters)
+        fields["adapter"] = (
+            union | None,
+            Field(None, description="the adapter and its options (null: found from the model, default options)"),
+        )
+    else:
+        fields["adapter"] = (Annotated[Any, AfterValidator(_nothing_registered("adapter"))], None)
+    model = create_model("ReductionConfig", __base__=ReductionConfig, __doc__=ReductionConfig.__doc__, **fields)
+    registries._cache["reduction_config_model"] = model
     return model
 
 
@@ -177,12 +213,16 @@ def find_preset(name: str, preset_dirs: Sequence[str | Path] | None = None) -> P
 
 ConfigSource = Union[str, Path, Mapping[str, Any], BaseModel]  # noqa: UP007
 
+#: where part sections may sit: at the top of a reduction config, or under a job config's ``reduction``
+_PART_PARENTS: frozenset[tuple[str, ...]] = frozenset({(), ("reduction",)})
+
 
 def _is_path_like(text: str) -> bool:
     return text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text
 
 
-def _read_source(source: ConfigSource, preset_dirs: Sequence[str | Path] | None) -> tuple[dict[str, Any], str]:
+def read_source(source: ConfigSource, preset_dirs: Sequence[str | Path] | None = None) -> tuple[dict[str, Any], str]:
+    """One config source as plain data (part shorthands expanded), and a name for it in messages."""
     if isinstance(source, BaseModel):
         return config_to_dict(source), "<config object>"
     if isinstance(source, Mapping):
@@ -209,42 +249,36 @@ def _to_plain(cfg: DictConfig, where: str) -> dict[str, Any]:
     except OmegaConfBaseException as exc:
         raise ConfigError([ConfigIssue("", f"cannot resolve {where}: {exc}")]) from None
     assert isinstance(plain, dict)
-    return _normalise_parts(plain)
+    return normalise_parts(plain)
 
 
-def _normalise_parts(data: dict[str, Any]) -> dict[str, Any]:
-    """``selector: toma`` is short for ``selector: {name: toma}``."""
-    for key in PART_FIELDS:
+def normalise_parts(data: dict[str, Any]) -> dict[str, Any]:
+    """``selector: toma`` is short for ``selector: {name: toma}`` (also under a job's ``reduction``)."""
+    for key in (*PART_FIELDS, "adapter"):
         if isinstance(data.get(key), str):
             data[key] = {"name": data[key]}
+    nested = data.get("reduction")
+    if isinstance(nested, dict):
+        normalise_parts(nested)
     return data
 
 
-def _layer(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``top`` over ``base``; a part section naming another part replaces the section whole."""
+def layer(base: Mapping[str, Any], top: Mapping[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Merge ``top`` over ``base`` key by key; a part section naming another part replaces the section whole."""
     merged = dict(base)
     for key, value in top.items():
         old = merged.get(key)
-        if key in PART_FIELDS and isinstance(value, Mapping) and isinstance(old, Mapping):
+        is_part = key in (*PART_FIELDS, "adapter") and path in _PART_PARENTS
+        if is_part and isinstance(value, Mapping) and isinstance(old, Mapping):
             if "name" in value and value.get("name") != old.get("name"):
                 merged[key] = dict(value)
             else:
                 merged[key] = {**old, **value}
         elif isinstance(value, Mapping) and isinstance(old, Mapping):
-            merged[key] = _plain_merge(old, value)
+            merged[key] = layer(old, value, (*path, key))
         else:
             merged[key] = value
     return merged
-
-
-def _plain_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _plain_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
@@ -259,7 +293,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         except OmegaConfBaseException as exc:
             raise ConfigError([ConfigIssue(key, f"cannot parse override: {exc}", item, True)]) from None
         assert isinstance(parsed, dict)
-        result = _layer(result, _normalise_parts(parsed))
+        result = layer(result, normalise_parts(parsed))
     return result
 
 
@@ -271,9 +305,16 @@ def merge_layers(
     """Layer the sources in order, then the overrides, into one plain mapping (not yet validated)."""
     data: dict[str, Any] = {}
     for source in sources:
-        layer, _ = _read_source(source, preset_dirs)
-        data = _layer(data, layer)
-    return _layer(data, parse_overrides(overrides))
+        data = layer(data, read_source(source, preset_dirs)[0])
+    return layer(data, parse_overrides(overrides))
+
+
+def _default_registries(registries: Registries | None) -> Registries:
+    if registries is not None:
+        return registries
+    from tokred.plugins import default_registries
+
+    return default_registries()
 
 
 def load_config(
@@ -282,8 +323,8 @@ def load_config(
     registries: Registries | None = None,
     preset_dirs: Sequence[str | Path] | None = None,
     **values: Any,
-) -> RunConfig:
-    """Load, layer, override and validate a run config.
+) -> ReductionConfig:
+    """Load, layer, override and validate a reduction config.
 
     Args:
         sources: preset names, YAML paths, mappings or config objects, later ones over earlier ones.
@@ -293,64 +334,48 @@ def load_config(
         values: keyword overrides, applied after ``overrides`` (``ratio=0.3``).
 
     Raises:
-        ConfigError: naming the dotted path of every bad field, what was given and what is allowed.
+        ConfigError: naming the dotted path of every bad field, what was given and what is allowed; a job
+            setting (``steps``, ``prompt``, ...) is refused with a message saying what it is.
     """
-    if registries is None:
-        from tokred.plugins import default_registries
-
-        registries = default_registries()
+    registries = _default_registries(registries)
     data = merge_layers(sources, overrides, preset_dirs)
     if values:
-        data = _layer(data, _normalise_parts(dict(values)))
+        data = layer(data, normalise_parts(dict(values)))
     return validate_config(data, registries)
 
 
-def validate_config(data: Mapping[str, Any], registries: Registries) -> RunConfig:
-    """Validate a plain mapping against the run config model of ``registries``.
-
-    A part section with options but no ``name`` (``merge.temperature=5`` alone) applies to the default part.
-    """
-    model = run_config_model(registries)
+def fill_default_parts(data: Mapping[str, Any], registries: Registries) -> dict[str, Any]:
+    """A part section with options but no ``name`` (``merge.temperature=5`` alone) is the default part's."""
     data = dict(data)
     for key, kind in PART_FIELDS.items():
         section, default = data.get(key), DEFAULT_PART_NAMES.get(key)
         if isinstance(section, Mapping) and "name" not in section and default in registries[kind]:
             data[key] = {"name": default, **section}
+    return data
+
+
+def validate_config(data: Mapping[str, Any], registries: Registries) -> ReductionConfig:
+    """Validate a plain mapping against the reduction config model of ``registries``."""
+    model = reduction_config_model(registries)
+    data = fill_default_parts(data, registries)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_issues(exc, data, registries)) from None
-
-
-def validate_plain(model: type[BaseModel], data: Mapping[str, Any]) -> Any:
-    """Validate ``data`` against a plain pydantic model, with the same people-first errors as run configs."""
-    try:
-        return model.model_validate(dict(data))
-    except ValidationError as exc:
-        issues = []
-        for error in exc.errors():
-            path = ".".join(str(item) for item in error["loc"])
-            if error["type"] == "extra_forbidden":
-                allowed = ", ".join(model.model_fields) if len(error["loc"]) == 1 else ""
-                issues.append(
-                    ConfigIssue(
-                        path, f"unknown key {error['loc'][-1]!r}" + (f"; allowed: {allowed}" if allowed else "")
-                    )
-                )
-            elif error["type"] == "missing":
-                issues.append(ConfigIssue(path, "required, but missing"))
-            else:
-                issues.append(ConfigIssue(path, error["msg"].removeprefix("Value error, "), error.get("input"), True))
-        raise ConfigError(issues) from None
+        raise ConfigError(config_issues(exc, data, registries, list(model.model_fields))) from None
 
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:
     """A validated config as plain data, each part section starting with its ``name``."""
-    data = config.model_dump(mode="json")
-    for key in PART_FIELDS:
+    return _name_first(config.model_dump(mode="json"))
+
+
+def _name_first(data: dict[str, Any]) -> dict[str, Any]:
+    for key in (*PART_FIELDS, "adapter"):
         section = data.get(key)
         if isinstance(section, dict) and "name" in section:
             data[key] = {"name": section.pop("name"), **section}
+    if isinstance(data.get("reduction"), dict):
+        _name_first(data["reduction"])
     return data
 
 
@@ -361,24 +386,38 @@ def config_to_yaml(config: BaseModel) -> str:
 # --- errors for people ---------------------------------------------------------------------------------------
 
 
-def _allowed_keys(loc: list[Any], data: Mapping[str, Any], registries: Registries) -> list[str] | None:
-    if len(loc) == 1:
-        return list(run_config_model(registries).model_fields)
-    if len(loc) == 2 and loc[0] in PART_FIELDS:
-        section = data.get(loc[0])
-        name = _part_tag(section)
-        registry = registries[PART_FIELDS[loc[0]]]
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_key_message(key: str, allowed: Sequence[str], *, job_keys: bool = True) -> str:
+    """What to say of an unknown key: what it is when it belongs elsewhere, else the closest allowed keys."""
+    if job_keys and key in JOB_SETTINGS:
+        return f"{key!r} is {JOB_SETTINGS[key]}, not a reduction setting; reduction settings: {', '.join(allowed)}"
+    return f"unknown key {key!r}{suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+
+
+def _part_keys(loc: list[Any], data: Mapping[str, Any], registries: Registries) -> list[str] | None:
+    if len(loc) == 2 and loc[0] in (*PART_FIELDS, "adapter"):
+        name = _part_tag(data.get(loc[0]))
+        registry = registries[PART_FIELDS.get(loc[0], "adapter")]
         if name in registry:
             return ["name", *registry.get(name).options.model_fields]
     return None
 
 
-def _issues(exc: ValidationError, data: Mapping[str, Any], registries: Registries) -> list[ConfigIssue]:
+def config_issues(
+    exc: ValidationError, data: Mapping[str, Any], registries: Registries, top_keys: Sequence[str]
+) -> list[ConfigIssue]:
+    """People-first issues of a failed reduction-config validation (``top_keys``: the keys allowed at top)."""
     issues = []
     for error in exc.errors():
         loc = list(error["loc"])
-        kind = PART_FIELDS.get(loc[0]) if loc and isinstance(loc[0], str) else None
-        if kind and len(loc) >= 2 and loc[1] == _part_tag(data.get(loc[0])):
+        key = loc[0] if loc and isinstance(loc[0], str) else None
+        kind = PART_FIELDS.get(key, "adapter" if key == "adapter" else None) if key else None  # type: ignore[arg-type]
+        if kind and len(loc) >= 2 and loc[1] == _part_tag(data.get(key)):  # type: ignore[arg-type]
             del loc[1]  # the union's tag, not a key of the config
         path = ".".join(str(item) for item in loc)
         etype = error["type"]
@@ -393,9 +432,12 @@ def _issues(exc: ValidationError, data: Mapping[str, Any], registries: Registrie
                 ConfigIssue(path, f"must be a {kind} name or a mapping with 'name'; available: {names}", given, True)
             )
         elif etype == "extra_forbidden":
-            allowed = _allowed_keys(loc, data, registries)
-            hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
-            issues.append(ConfigIssue(path, f"unknown key {loc[-1]!r}{hint}"))
+            if len(loc) == 1:
+                issues.append(ConfigIssue(path, unknown_key_message(str(loc[0]), top_keys)))
+            else:
+                allowed = _part_keys(loc, data, registries)
+                hint = f"{suggest(str(loc[-1]), allowed)}; allowed: {', '.join(allowed)}" if allowed else ""
+                issues.append(ConfigIssue(path, f"unknown key {loc[-1]!r}{hint}"))
         elif etype == "missing":
             issues.append(ConfigIssue(path, "required, but missing"))
         else:
@@ -403,9 +445,34 @@ def _issues(exc: ValidationError, data: Mapping[str, Any], registries: Registrie
     return issues
 
 
+def validate_plain(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Validate ``data`` against a plain pydantic model, with the same people-first errors as reduction configs."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(plain_issues(exc, model, prefix)) from None
+
+
+def plain_issues(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[ConfigIssue]:
+    issues = []
+    for error in exc.errors():
+        path = prefix + ".".join(str(item) for item in error["loc"])
+        if error["type"] == "extra_forbidden":
+            key = str(error["loc"][-1])
+            if len(error["loc"]) == 1:
+                issues.append(ConfigIssue(path, unknown_key_message(key, list(model.model_fields), job_keys=False)))
+            else:
+                issues.append(ConfigIssue(path, f"unknown key {key!r}"))
+        elif error["type"] == "missing":
+            issues.append(ConfigIssue(path, "required, but missing"))
+        else:
+            issues.append(ConfigIssue(path, error["msg"].removeprefix("Value error, "), error.get("input"), True))
+    return issues
+
+
 __all__ = [
     "ConfigError",
-    "RunConfig",
+    "ReductionConfig",
     "TokredError",
     "config_to_dict",
     "config_to_yaml",
@@ -413,6 +480,6 @@ __all__ = [
     "load_config",
     "merge_layers",
     "parse_overrides",
-    "run_config_model",
+    "reduction_config_model",
     "validate_config",
 ]

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from tokred.plan import MergePlan
+from tokred.reduction import Reduction
 from tokred.strategies.base import SiteInfo
-from tokred.strategy import Strategy
 
 
 @dataclass
@@ -89,27 +89,33 @@ class Engine:
     run (a new pipeline call), which drops every cached plan.
     """
 
-    def __init__(self, strategy: Strategy, *, time_plans: bool = False) -> None:
-        self.strategy = strategy
-        self.schedule = strategy.schedule
+    def __init__(self, reduction: Reduction, *, time_plans: bool = False) -> None:
+        self.reduction = reduction
+        self.schedule = reduction.schedule
         self.time_plans = time_plans
         self.stats = Stats()
         self.step = 0
         self._last_timestep: float | None = None
         self._plans: dict[object, _CachedPlan] = {}
+        self._run_ended = False
 
     @property
     def mode(self) -> str:
-        return self.strategy.config.mode
+        return self.reduction.config.mode
 
     @property
     def proportional(self) -> bool:
         """Whether merged keys get log(size) added to their attention logits."""
-        return self.strategy.config.proportional
+        return self.reduction.config.proportional
 
     def begin_model_call(self, timestep: Tensor | float | int | None) -> None:
         """Called by the adapter before each forward of the model."""
         self.stats.model_calls += 1
+        if self._run_ended:
+            self._run_ended = False
+            self.step = 0
+            self._last_timestep = None
+            self._plans.clear()
         if timestep is None:
             return
         value = float(timestep.reshape(-1)[0]) if isinstance(timestep, Tensor) else float(timestep)
@@ -123,16 +129,19 @@ class Engine:
         self._last_timestep = value
 
     def new_run(self) -> None:
-        """A new denoising run starts (a pipeline set its scheduler's timesteps): steps count from 0 again."""
-        self.step = 0
-        self._last_timestep = None
-        self._plans.clear()
+        """The current denoising run is over (a pipeline call ended, or the next one set its timesteps).
+
+        The next model call starts at step 0 with no cached plan; until then the last run's plans stay readable
+        (for pictures and tests).
+        """
+        self._run_ended = True
 
     def reset(self) -> None:
         """Forget the step count and cached plans, and zero the statistics."""
         self.step = 0
         self._last_timestep = None
         self._plans.clear()
+        self._run_ended = False
         self.stats.reset()
 
     def plan_for(
@@ -171,7 +180,7 @@ class Engine:
         start = time.perf_counter()
         # plans are float32 by design: autocast must not turn the similarity products into half precision
         with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
-            plan = self.strategy.plan(tokens.detach(), grid, share_batch=share_batch, salt=self.step)
+            plan = self.reduction.plan(tokens.detach(), grid, share_batch=share_batch, salt=self.step)
         if timed:
             if tokens.device.type == "cuda":
                 torch.cuda.synchronize(tokens.device)

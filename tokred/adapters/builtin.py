@@ -39,8 +39,9 @@ def resolve_adapter(model: Any) -> str | None:
 
     if not isinstance(model, torch.nn.Module):
         return None
-    from tokred.adapters import flux, sdxl
+    from tokred.adapters.flux import FluxAdapter
+    from tokred.adapters.sdxl import UNetAdapter
 
-    if sdxl.handles(model):
+    if UNetAdapter.handles(model):
         return "sdxl"
-    return "flux" if flux.handles(model) else None
+    return "flux" if FluxAdapter.handles(model) else None

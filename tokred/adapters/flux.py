@@ -30,12 +30,10 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import Tensor
 
-from tokred.adapters.hooks import GridCell, GridHook, StepHook, TokenSiteHook, TokredHook
-from tokred.config import RunConfig
+from tokred.adapters.base import Adapter, BlockPattern, Grid, SiteRule
+from tokred.adapters.hooks import GridCell, TokenSiteHook, TokredHook
 from tokred.engine import Engine
-from tokred.errors import ConfigError, ConfigIssue
 from tokred.plan import MergePlan
-from tokred.registry import Options
 from tokred.strategies.base import SiteInfo
 
 Rope = tuple[Tensor, Tensor]
@@ -251,77 +249,44 @@ class FluxKVSiteHook(TokredHook):
         return args, kwargs
 
 
-def _grid_of_call(args: tuple, kwargs: dict) -> tuple[int, int] | None:
-    return grid_from_ids(kwargs.get("img_ids", args[4] if len(args) > 4 else None))
+def _single_tokens_site(engine: Engine, site: SiteInfo, cell: GridCell) -> TokredHook:
+    return FluxSingleBlockSiteHook(engine, site, cell, "tokens", share_batch=True)
 
 
-class FluxAdapter:
+def _double_attention_site(engine: Engine, site: SiteInfo, cell: GridCell) -> TokredHook:
+    return FluxAttentionSiteHook(engine, site, cell, "tokens", share_batch=True)
+
+
+def _feed_forward_site(engine: Engine, site: SiteInfo, cell: GridCell) -> TokredHook:
+    return TokenSiteHook(engine, site, cell, "tokens", share_batch=True)
+
+
+class FluxAdapter(Adapter):
     """FluxTransformer2DModel (FLUX.1 dev/schnell layout): double and single blocks, image tokens only."""
 
-    def __init__(self, options: Options) -> None:
-        pass
+    label = "Flux"
+    model_types = (FluxTransformer2DModel,)
+    timestep = (3, "timestep")
+    patterns = (
+        BlockPattern(
+            family="double",
+            container="transformer_blocks",
+            types=(FluxTransformerBlock,),
+            sites=(
+                SiteRule("attn1", "attn", {"tokens": _double_attention_site, "kv": FluxKVSiteHook}),
+                SiteRule("ff", "ff", {"tokens": _feed_forward_site}),
+            ),
+        ),
+        BlockPattern(
+            family="single",
+            container="single_transformer_blocks",
+            types=(FluxSingleTransformerBlock,),
+            sites=(
+                SiteRule("attn1", "", {"tokens": _single_tokens_site}),
+                SiteRule("attn1", "attn", {"kv": FluxKVSiteHook}),
+            ),
+        ),
+    )
 
-    def check(self, config: RunConfig) -> None:
-        if "attn2" in config.sites:
-            raise ConfigError(
-                [
-                    ConfigIssue(
-                        "sites",
-                        "Flux has no cross-attention: use attn1 (attention, single blocks) and ff",
-                        list(config.sites),
-                        True,
-                    )
-                ]
-            )
-        if config.mode == "kv" and "ff" in config.sites:
-            raise ConfigError(
-                [
-                    ConfigIssue(
-                        "sites",
-                        "mode kv reduces attention keys and values: use sites [attn1]",
-                        list(config.sites),
-                        True,
-                    )
-                ]
-            )
-
-    def sites(self, model: FluxTransformer2DModel, config: RunConfig) -> list[tuple[torch.nn.Module, SiteInfo]]:
-        found = []
-        for index, block in enumerate(model.transformer_blocks):
-            if not isinstance(block, FluxTransformerBlock):
-                continue
-            if "attn1" in config.sites:
-                found.append((block.attn, SiteInfo(f"transformer_blocks.{index}.attn", "attn1", "double", index)))
-            if "ff" in config.sites:
-                found.append((block.ff, SiteInfo(f"transformer_blocks.{index}.ff", "ff", "double", index)))
-        if "attn1" in config.sites:
-            for index, block in enumerate(model.single_transformer_blocks):
-                if not isinstance(block, FluxSingleTransformerBlock):
-                    continue
-                name = f"single_transformer_blocks.{index}"
-                module = block.attn if config.mode == "kv" else block
-                found.append((module, SiteInfo(name if module is block else f"{name}.attn", "attn1", "single", index)))
-        return found
-
-    def attach(self, model: torch.nn.Module, engine: Engine, config: RunConfig) -> list[SiteInfo]:
-        self.check(config)
-        sites = self.sites(model, config)
-        if not sites:
-            return []
-        cell = GridCell()
-        for module, site in sites:
-            if config.mode == "kv":
-                FluxKVSiteHook(engine, site, cell).register(module)
-            elif site.family == "single":
-                FluxSingleBlockSiteHook(engine, site, cell, "tokens", share_batch=True).register(module)
-            elif site.kind == "ff":
-                TokenSiteHook(engine, site, cell, "tokens", share_batch=True).register(module)
-            else:
-                FluxAttentionSiteHook(engine, site, cell, "tokens", share_batch=True).register(module)
-        GridHook(engine, cell, _grid_of_call).register(model)
-        StepHook(engine, timestep_index=3).register(model)
-        return [site for _, site in sites]
-
-
-def handles(model: Any) -> bool:
-    return isinstance(model, FluxTransformer2DModel)
+    def read_grid(self, args: tuple, kwargs: dict) -> Grid | None:
+        return grid_from_ids(kwargs.get("img_ids", args[4] if len(args) > 4 else None))

@@ -43,9 +43,15 @@ def _replace_argument(
 
 
 class TokredHook(ModelHook):
-    """Base of tokred's hooks: each belongs to one engine (one patch)."""
+    """Base of tokred's hooks: each belongs to one engine (one patch).
+
+    The hooks are stateful in diffusers' sense, like its cache hooks: ``HookRegistry.reset_stateful_hooks()``
+    (which pipelines run at the end of every call, through ``maybe_free_model_hooks``) ends the current denoising
+    run, so the next call starts at step 0 with fresh plans.
+    """
 
     role = "hook"
+    _is_stateful = True
 
     def __init__(self, engine: Engine) -> None:
         super().__init__()
@@ -53,6 +59,11 @@ class TokredHook(ModelHook):
 
     def register(self, module: torch.nn.Module) -> None:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(self, HOOK_PREFIX + self.role)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        if hasattr(self, "_pending"):
+            self._pending = None
+        return module
 
 
 class StepHook(TokredHook):
@@ -68,6 +79,10 @@ class StepHook(TokredHook):
         self.engine.begin_model_call(_argument(args, kwargs, self.timestep_index, self.timestep_name))
         return args, kwargs
 
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.engine.new_run()
+        return module
+
 
 class GridHook(TokredHook):
     """On a module whose input carries the grid: records it in a :class:`GridCell` for its sites."""
@@ -81,6 +96,10 @@ class GridHook(TokredHook):
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
         self.cell.grid = self.read_grid(args, kwargs)
         return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.cell.grid = None
+        return module
 
 
 class TokenSiteHook(TokredHook):

@@ -107,7 +107,7 @@ def default_size(name: str) -> int:
 def _sdxl_text_encoders(hidden: tuple[int, int], seed: int):  # type: ignore[no-untyped-def]
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from tokred.models import tiny_clip_config
+    from tokred.jobs.testbed import tiny_clip_config
 
     torch.manual_seed(seed)
     first = tiny_clip_config(hidden[0])
@@ -119,7 +119,7 @@ def _sdxl_text_encoders(hidden: tuple[int, int], seed: int):  # type: ignore[no-
 def _random_sdxl_pipeline(options: RandomSDXLOptions, seed: int):  # type: ignore[no-untyped-def]
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from tokred.models import clip_tokenizer, tiny_vae
+    from tokred.jobs.testbed import clip_tokenizer, tiny_vae
 
     unet = random_sdxl_unet(options, seed)
     te1, te2 = _sdxl_text_encoders((768, 1280), seed + 1)
@@ -138,14 +138,14 @@ def _random_sdxl_pipeline(options: RandomSDXLOptions, seed: int):  # type: ignor
 
 
 def random_sdxl_unet(options: RandomSDXLOptions, seed: int = 0):  # type: ignore[no-untyped-def]
-    from tokred.models import SDXL_UNET_CONFIG, unet_from_config
+    from tokred.jobs.testbed import SDXL_UNET_CONFIG, unet_from_config
 
     layers = [min(n, options.depth) for n in SDXL_UNET_CONFIG["transformer_layers_per_block"]]
     return unet_from_config({**SDXL_UNET_CONFIG, "transformer_layers_per_block": layers}, seed=seed)
 
 
 def random_flux_transformer(options: RandomFluxOptions, seed: int = 0):  # type: ignore[no-untyped-def]
-    from tokred.models import FLUX_DEV_CONFIG, flux_transformer
+    from tokred.jobs.testbed import FLUX_DEV_CONFIG, flux_transformer
 
     return flux_transformer(FLUX_DEV_CONFIG, seed=seed, num_layers=options.double, num_single_layers=options.single)
 
@@ -154,7 +154,7 @@ def _random_flux_pipeline(options: RandomFluxOptions, seed: int):  # type: ignor
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel
 
-    from tokred.models import clip_tokenizer, t5_encoder, t5_tokenizer, tiny_clip_config, tiny_vae
+    from tokred.jobs.testbed import clip_tokenizer, t5_encoder, t5_tokenizer, tiny_clip_config, tiny_vae
 
     transformer = random_flux_transformer(options, seed)
     torch.manual_seed(seed + 1)
@@ -177,11 +177,11 @@ def load_pipeline(name: str, options: dict[str, Any] | None = None, *, seed: int
     kind = describe(name)
     validated = validate_options(name, dict(options or {}))
     if kind == "builtin":
-        from tokred import models
+        from tokred.jobs import testbed
 
         builders: dict[str, Callable[[], Any]] = {
-            "tiny:sdxl": lambda: models.tiny_sdxl_pipeline(seed=seed),
-            "tiny:flux": lambda: models.tiny_flux_pipeline(seed=seed),
+            "tiny:sdxl": lambda: testbed.tiny_sdxl_pipeline(seed=seed),
+            "tiny:flux": lambda: testbed.tiny_flux_pipeline(seed=seed),
             "random:sdxl": lambda: _random_sdxl_pipeline(validated, seed),  # type: ignore[arg-type]
             "random:flux": lambda: _random_flux_pipeline(validated, seed),  # type: ignore[arg-type]
         }
@@ -208,11 +208,11 @@ def load_denoiser(name: str, options: dict[str, Any] | None = None, *, seed: int
     if name == "random:flux":
         return random_flux_transformer(validated, seed)  # type: ignore[arg-type]
     if name == "tiny:sdxl":
-        from tokred.models import TINY_SDXL_UNET_CONFIG, unet_from_config
+        from tokred.jobs.testbed import TINY_SDXL_UNET_CONFIG, unet_from_config
 
         return unet_from_config(TINY_SDXL_UNET_CONFIG, seed=seed)
     if name == "tiny:flux":
-        from tokred.models import TINY_FLUX_CONFIG, flux_transformer
+        from tokred.jobs.testbed import TINY_FLUX_CONFIG, flux_transformer
 
         return flux_transformer(TINY_FLUX_CONFIG, seed=seed)
     del kind

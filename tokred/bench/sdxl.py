@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from tokred.compare import Method, Row, compare
-from tokred.inputs import denoiser_inputs
-from tokred.models import SDXL_UNET_CONFIG, unet_from_config
-from tokred.synthetic import smooth_latents
+from tokred.bench.compare import Method, Row, compare
+from tokred.bench.inputs import denoiser_inputs
+from tokred.bench.synthetic import smooth_latents
+from tokred.jobs.testbed import SDXL_UNET_CONFIG, unet_from_config
 
 
 def block_methods(ratio: float) -> list[Method]:

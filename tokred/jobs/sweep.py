@@ -1,4 +1,4 @@
-"""``tokred sweep``: a grid of strategies × ratios × seeds × prompts, in one process or data-parallel.
+"""``tokred sweep``: a grid of methods × ratios × seeds × prompts, in one process or data-parallel.
 
 Each item has a stable id (a hash of what it runs), so a sweep can be resumed: items already in a rank's JSONL
 are skipped. Under ``torchrun --nproc_per_node N -m tokred sweep CONFIG`` every rank loads the model once,
@@ -21,14 +21,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokred.config import RunConfig, config_to_dict, load_config
+from tokred.config import config_to_dict
 from tokred.errors import ConfigError, ConfigIssue, TokredError, UnknownPartError
+from tokred.jobs.config import GenerateSettings, load_generate_config
 
 
 class SweepGrid(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    strategies: list[str] = Field(["baseline", "toma"], min_length=1, description="presets, or baseline")
+    methods: list[str] = Field(["baseline", "toma"], min_length=1, description="presets, or baseline")
     ratios: list[float] = Field([0.5], min_length=1)
     seeds: list[int] = Field([0], min_length=1)
     prompts: list[str] = Field(["a photo of a squirrel in the snow"], min_length=1)
@@ -37,7 +38,9 @@ class SweepGrid(BaseModel):
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    run: dict[str, Any] = Field(default_factory=dict, description="run config keys shared by every item")
+    run: dict[str, Any] = Field(
+        default_factory=dict, description="generate settings and reduction settings shared by every item"
+    )
     grid: SweepGrid = Field(default_factory=SweepGrid)
 
 
@@ -47,12 +50,12 @@ def load_sweep_config(source: str | None, overrides: list[str]) -> SweepConfig:
     data = merge_layers([source] if source else [], overrides)
     config = validate_plain(SweepConfig, data)
     probe = {"seed": config.grid.seeds[0], "prompt": config.grid.prompts[0]}
-    item_config(config, {**probe, "strategy": "baseline", "ratio": 0.0}, "run")
-    for index, name in enumerate(config.grid.strategies):
+    item_config(config, {**probe, "method": "baseline", "ratio": 0.0}, "run")
+    for index, name in enumerate(config.grid.methods):
         if name != "baseline":
-            item_config(config, {**probe, "strategy": name, "ratio": config.grid.ratios[0]}, f"grid.strategies.{index}")
+            item_config(config, {**probe, "method": name, "ratio": config.grid.ratios[0]}, f"grid.methods.{index}")
             for r_index, ratio in enumerate(config.grid.ratios):
-                item_config(config, {**probe, "strategy": name, "ratio": ratio}, f"grid.ratios.{r_index}")
+                item_config(config, {**probe, "method": name, "ratio": ratio}, f"grid.ratios.{r_index}")
     return config
 
 
@@ -60,8 +63,8 @@ def expand(config: SweepConfig) -> list[dict[str, Any]]:
     """Every item of the grid, with a stable id; baseline items ignore the ratio (one per seed and prompt)."""
     items: dict[str, dict[str, Any]] = {}
     grid = config.grid
-    for strategy, ratio, seed, prompt in itertools.product(grid.strategies, grid.ratios, grid.seeds, grid.prompts):
-        item = {"strategy": strategy, "ratio": 0.0 if strategy == "baseline" else ratio, "seed": seed, "prompt": prompt}
+    for method, ratio, seed, prompt in itertools.product(grid.methods, grid.ratios, grid.seeds, grid.prompts):
+        item = {"method": method, "ratio": 0.0 if method == "baseline" else ratio, "seed": seed, "prompt": prompt}
         # the id hashes what the item runs (the resolved config), not names: an edited preset is a new item
         key = json.dumps(config_to_dict(item_config(config, item)), sort_keys=True)
         item["id"] = hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -69,10 +72,11 @@ def expand(config: SweepConfig) -> list[dict[str, Any]]:
     return list(items.values())
 
 
-def item_config(config: SweepConfig, item: dict[str, Any], where: str = "") -> RunConfig:
-    sources = [] if item["strategy"] == "baseline" else [item["strategy"]]
+def item_config(config: SweepConfig, item: dict[str, Any], where: str = "") -> GenerateSettings:
+    """The generate config of one item: its method's preset, the shared ``run`` settings, then the item's own."""
+    sources = [] if item["method"] == "baseline" else [item["method"]]
     try:
-        return load_config(*sources, config.run, ratio=item["ratio"], seed=item["seed"], prompt=item["prompt"])
+        return load_generate_config(*sources, config.run, ratio=item["ratio"], seed=item["seed"], prompt=item["prompt"])
     except ConfigError as exc:
         if where:
             raise ConfigError([ConfigIssue(where, str(issue)) for issue in exc.issues]) from None
@@ -137,8 +141,8 @@ class Distributed:
 def run_sweep(
     config: SweepConfig, out_dir: Path, *, progress: Callable[[int, int], object] | None = None
 ) -> dict[str, Any]:
-    from tokred import sources
-    from tokred.generate import generate_with, write_run
+    from tokred.jobs import sources
+    from tokred.jobs.generate import generate_with, write_run
 
     dist = Distributed()
     items = expand(config)
@@ -180,13 +184,13 @@ def run_sweep(
 def merge_results(out_dir: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rank 0: one row per item (in grid order) from every rank's JSONL, with PSNR/SSIM against the baseline
     item of the same seed and prompt when the grid has one."""
-    from tokred.evaluate import finite, load_image, psnr, ssim
+    from tokred.jobs.evaluate import finite, load_image, psnr, ssim
 
     rows = {row["id"]: row for path in sorted(out_dir.glob("results.rank*.jsonl")) for row in _read_jsonl(path)}
     missing = [item["id"] for item in items if item["id"] not in rows]
     if missing:
         raise TokredError(f"{len(missing)} items have no result yet ({', '.join(missing[:5])}): run the sweep again")
-    baselines = {(r["seed"], r["prompt"]): r["id"] for r in rows.values() if r["strategy"] == "baseline"}
+    baselines = {(r["seed"], r["prompt"]): r["id"] for r in rows.values() if r["method"] == "baseline"}
     table = []
     for item in items:
         row = dict(rows[item["id"]])
@@ -199,7 +203,7 @@ def merge_results(out_dir: Path, items: list[dict[str, Any]]) -> list[dict[str, 
     partial = out_dir / "results.jsonl.partial"
     partial.write_text("".join(json.dumps(finite(row)) + "\n" for row in table))
     partial.replace(out_dir / "results.jsonl")
-    fields = ["id", "strategy", "ratio", "seed", "prompt", "seconds", "tokens_kept", "psnr", "ssim", "rank"]
+    fields = ["id", "method", "ratio", "seed", "prompt", "seconds", "tokens_kept", "psnr", "ssim", "rank"]
     with (out_dir / "results.csv.partial").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tokred.strategy import resolve_strategy
-from tokred.synthetic import smooth_tokens
-from tokred.timing import median, time_interleaved
+from tokred.bench.synthetic import smooth_tokens
+from tokred.bench.timing import median, time_interleaved
+from tokred.reduction import resolve_reduction
 
 LOCALITIES: dict[str, dict[str, Any]] = {
     "tiles8": {"name": "tiles", "size": [8, 8]},
@@ -100,14 +100,14 @@ def run_bench_ops(
             for _ in range(3)
         )
         for name in localities:
-            strategy = resolve_strategy("toma", ratio=ratio, locality=LOCALITIES[name])
-            plan = strategy.plan(x, grid)
+            reduction = resolve_reduction("toma", ratio=ratio, locality=LOCALITIES[name])
+            plan = reduction.plan(x, grid)
             merged = plan.merge(x)
             slow = name == "global"
             times = time_interleaved(
                 {
                     "attention": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
-                    "plan": lambda s=strategy, x=x: s.plan(x, grid),
+                    "plan": lambda s=reduction, x=x: s.plan(x, grid),
                     "merge": lambda p=plan, x=x: p.merge(x),
                     "unmerge": lambda p=plan, y=merged: p.unmerge(y),
                 },
@@ -125,12 +125,12 @@ def run_bench_ops(
                 )
             )
             if channels == sizes[0][0]:
-                layout = strategy.locality.partition(grid)
+                layout = reduction.locality.partition(grid)
                 for selector in SELECTORS:
                     chosen = (
                         plan
                         if selector == "toma"
-                        else resolve_strategy("toma", ratio=ratio, locality=LOCALITIES[name], selector=selector).plan(
+                        else resolve_reduction("toma", ratio=ratio, locality=LOCALITIES[name], selector=selector).plan(
                             x, grid
                         )
                     )

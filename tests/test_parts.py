@@ -1,4 +1,4 @@
-"""Unit tests of the built-in strategies, presets and the public plan API."""
+"""Unit tests of the built-in parts (selectors, merge ops, localities, schedules), presets and the plan API."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ import dataclasses
 
 import pytest
 import torch
-from strategies import smooth_tokens
+from hypothesis_tokens import smooth_tokens
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokred
 from tokred.config import list_presets, load_config
 from tokred.errors import ConfigError
 from tokred.plugins import default_registries
+from tokred.reduction import resolve_reduction
 from tokred.strategies.base import SiteInfo, destination_counts
 from tokred.strategies.facility_location import facility_location_objective, nonnegative_similarity
 from tokred.strategies.localities import stripe_layout, tile_layout
 from tokred.strategies.schedules import IndexSet
-from tokred.strategy import resolve_strategy
 
 REG = default_registries()
 PRESETS = ("toma", "toma_stripe", "random", "grid", "todo", "tomesd_like")
@@ -217,10 +217,10 @@ def test_example_plugin_selector_plans_through_its_entry_point():
     assert default_registries()["selector"].get("checkerboard").source.startswith("tokred-example-plugin ")
 
 
-def test_strategy_is_reused_when_given():
-    strategy = resolve_strategy("toma")
-    assert resolve_strategy(strategy) is strategy
-    assert resolve_strategy(strategy, ratio=0.25).config.ratio == 0.25
+def test_reduction_is_reused_when_given():
+    reduction = resolve_reduction("toma")
+    assert resolve_reduction(reduction) is reduction
+    assert resolve_reduction(reduction, ratio=0.25).config.ratio == 0.25
 
 
 # --- schedules ---------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_index_sets(spec, inside, outside):
         ("locality.size=[0,4]", "locality.size.0: Input should be greater than 0"),
     ],
 )
-def test_bad_strategy_options_are_clear(override, fragment):
+def test_bad_part_options_are_clear(override, fragment):
     with pytest.raises(ConfigError) as info:
         load_config("toma", overrides=[override], registries=REG)
     assert fragment.replace("Value error, ", "") in str(info.value)
@@ -277,8 +277,8 @@ def test_interval_schedule_decisions():
     assert per_site.share_key(site, (8, 8)) != per_site.share_key(other, (8, 8))
 
 
-def test_plain_run_config_and_options_on_default_parts():
-    plan = tokred.make_plan(smooth_tokens((8, 8), 1, 4, 0), (8, 8), tokred.RunConfig(ratio=0.25))
+def test_plain_reduction_config_and_options_on_default_parts():
+    plan = tokred.make_plan(smooth_tokens((8, 8), 1, 4, 0), (8, 8), tokred.ReductionConfig(ratio=0.25))
     assert plan.num_destinations == 48
     config = load_config({"ratio": 0.3}, overrides=["merge.temperature=5"], registries=REG)
     assert (config.merge.name, config.merge.temperature) == ("attention", 5.0)
@@ -305,8 +305,8 @@ def test_grid_random_offset_covers_every_cell_on_uneven_grids():
 
 def test_salt_varies_random_draws_reproducibly():
     x = smooth_tokens((8, 8), 1, 4, 0)
-    strategy = resolve_strategy("random")
-    first, again, other = (strategy.plan(x, (8, 8), salt=s).destinations for s in (0, 0, 1))
+    reduction = resolve_reduction("random")
+    first, again, other = (reduction.plan(x, (8, 8), salt=s).destinations for s in (0, 0, 1))
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 

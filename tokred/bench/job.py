@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokred import sources
-from tokred.compare import Method, Row, compare, format_rows
-from tokred.errors import ConfigError, ConfigIssue
-from tokred.inputs import denoiser_inputs
-from tokred.results import publish_dir
+from tokred.bench.compare import Method, Row, compare, format_rows
+from tokred.bench.inputs import denoiser_inputs
+from tokred.bench.pictures import destinations_picture, speed_plot
+from tokred.errors import ConfigError, ConfigIssue, TokredError
+from tokred.jobs import sources
+from tokred.jobs.results import publish_dir
 
 PEERS = ("baseline", "tomesd")
 
@@ -40,6 +41,11 @@ class BenchConfig(BaseModel):
         description="baseline, tomesd, or tokred presets; the first must be baseline",
     )
     ratio: float | None = Field(0.5, ge=0.0, lt=1.0, description="ratio for every tokred method (null: each preset's)")
+    reduction: dict[str, Any] = Field(
+        default_factory=dict,
+        description="other reduction settings laid over every tokred method's preset (flat keys such as "
+        "sites=[attn1,ff] land here)",
+    )
     height: int = Field(1024, ge=64, description="image height (latents are height/8)")
     width: int = Field(1024, ge=64)
     batch: int = Field(1, ge=1)
@@ -49,16 +55,17 @@ class BenchConfig(BaseModel):
 
 
 def load_bench_config(source: str | None, overrides: list[str]) -> BenchConfig:
-    from tokred.config import merge_layers, validate_plain
+    from tokred.config import list_presets, load_config, merge_layers, reduction_keys, validate_plain
 
     data = merge_layers([source] if source else [], overrides)
+    flat = {key: data.pop(key) for key in list(data) if key in reduction_keys() and key != "ratio"}
+    if flat:
+        data["reduction"] = {**dict(data.get("reduction") or {}), **flat}
     config = validate_plain(BenchConfig, data)
     if not config.methods or config.methods[0] != "baseline":
         raise ConfigError([ConfigIssue("methods", "must start with baseline", config.methods, True)])
     sources.describe(config.model)
     sources.validate_options(config.model, model_options(config))
-    from tokred.config import list_presets
-
     presets = list_presets()
     for index, name in enumerate(config.methods):
         if name not in PEERS and name not in presets:
@@ -72,7 +79,19 @@ def load_bench_config(source: str | None, overrides: list[str]) -> BenchConfig:
                     )
                 ]
             )
+        if name not in PEERS:
+            try:
+                load_config(name, **method_overrides(config))
+            except ConfigError as exc:
+                raise ConfigError(exc.issues, source=f"for method {name!r}") from None
+            except TokredError as exc:
+                raise ConfigError([ConfigIssue(f"methods.{index}", str(exc))]) from None
     return config
+
+
+def method_overrides(config: BenchConfig) -> dict[str, Any]:
+    """What every tokred method's preset gets laid over it."""
+    return {**config.reduction, **({"ratio": config.ratio} if config.ratio is not None else {})}
 
 
 BENCH_MODEL_OPTIONS = {"random:sdxl": {"depth": 2}}
@@ -100,7 +119,7 @@ def methods_for(config: BenchConfig, model: torch.nn.Module) -> tuple[list[Metho
     from diffusers import UNet2DConditionModel
 
     methods, notes = [], []
-    overrides = {"ratio": config.ratio} if config.ratio is not None else {}
+    overrides = method_overrides(config)
     for name in config.methods:
         if name == "baseline":
             methods.append(Method("baseline", "baseline"))
@@ -118,72 +137,21 @@ def methods_for(config: BenchConfig, model: torch.nn.Module) -> tuple[list[Metho
     return methods, notes
 
 
-def destinations_picture(
-    model: torch.nn.Module, call: Callable[[], Any], latent: torch.Tensor, path: Path, ratio: float | None
+def run_bench(
+    config: BenchConfig,
+    out_dir: Path,
+    progress: Callable[[str], object] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """Which tokens ``toma`` kept as destinations on the largest grid, drawn over the latent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    import tokred
-
-    with torch.no_grad(), tokred.patched(model, "toma", **({"ratio": ratio} if ratio is not None else {})) as patch:
-        call()
-        cached = max(patch.engine._plans.values(), key=lambda entry: entry.plan.num_tokens)
-    plan = cached.plan
-    h, w = plan.grid
-    kept = torch.zeros(h * w)
-    kept[plan.destinations[0].cpu()] = 1
-    image = latent[:3].float().cpu()
-    image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="area")[0]
-    image = (image - image.amin()) / (image.amax() - image.amin()).clamp_min(1e-8)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.3), dpi=100)
-    axes[0].imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
-    axes[0].set_title(f"input latent (first 3 channels) on the {h}x{w} token grid", fontsize=10)
-    mask = kept.view(h, w).bool()
-    shown = image * 0.2  # merged-away tokens dimmed, destinations in full colour
-    shown[:, mask] = 0.35 + 0.65 * image[:, mask]
-    axes[1].imshow(shown.permute(1, 2, 0).numpy(), interpolation="nearest")
-    axes[1].set_title(f"toma destinations (bright): {plan.num_destinations} of {plan.num_tokens} tokens", fontsize=10)
-    for axis in axes:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return {"grid": [h, w], "destinations": plan.num_destinations, "tokens": plan.num_tokens}
-
-
-def speed_plot(rows: list[Row], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(7, 5), dpi=100)
-    for row in rows:
-        axis.scatter(row.deviation, row.speedup, s=60)
-        axis.annotate(row.name, (row.deviation, row.speedup), textcoords="offset points", xytext=(6, 4))
-    axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    axis.set_xlabel("relative L2 deviation from the baseline output (lower is better)")
-    axis.set_ylabel("speedup vs baseline, same run (higher is better)")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], object] | None = None) -> dict[str, Any]:
     """Run the comparison and write bench.json, bench.csv, bench.txt and the two PNGs into ``out_dir``.
 
     Results are written to a sibling ``.partial`` directory first and moved into place at the end, so an
     interrupted run never leaves a result that looks complete.
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = sources.load_denoiser(config.model, model_options(config), seed=config.seed).to(device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = sources.load_denoiser(config.model, model_options(config), seed=config.seed).to(device, dtype)
     call, latent = denoiser_call(model, config)
     methods, notes = methods_for(config, model)
     rows = compare(model, call, methods, repeats=config.repeats, progress=progress)
@@ -200,6 +168,7 @@ def _write_report(config, model, call, latent, rows, notes, partial: Path) -> di
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "notes": notes,
         "destinations_picture": picture,
     }

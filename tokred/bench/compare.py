@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokred.flops import count_flops
-from tokred.timing import median
+from tokred.bench.flops import count_flops
+from tokred.bench.timing import median
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``tokred generate``: load a model, apply a strategy, generate, and record what happened."""
+"""``tokred generate``: load a model, apply a reduction config, generate, and record what happened."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from tokred import sources
-from tokred.config import RunConfig, config_to_dict
-from tokred.results import publish_dir
+from tokred.config import config_to_dict
+from tokred.jobs import sources
+from tokred.jobs.config import GenerateSettings
+from tokred.jobs.results import publish_dir
 
 
 def versions() -> dict[str, str]:
@@ -32,11 +33,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def prompts_of(config: RunConfig) -> list[str]:
+def prompts_of(config: GenerateSettings) -> list[str]:
     return [config.prompt] if isinstance(config.prompt, str) else list(config.prompt)
 
 
-def pipeline_kwargs(config: RunConfig, pipe: Any) -> dict[str, Any]:
+def pipeline_kwargs(config: GenerateSettings, pipe: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "prompt": prompts_of(config),
         "num_inference_steps": config.steps,
@@ -59,15 +60,16 @@ def pipeline_kwargs(config: RunConfig, pipe: Any) -> dict[str, Any]:
     return kwargs
 
 
-def reduces(config: RunConfig) -> bool:
-    return config.ratio > 0
+def reduces(config: GenerateSettings) -> bool:
+    return config.reduction.ratio > 0  # type: ignore[attr-defined]
 
 
-def generate_with(pipe: Any, config: RunConfig) -> tuple[list[Any], dict[str, Any]]:
+def generate_with(pipe: Any, config: GenerateSettings) -> tuple[list[Any], dict[str, Any]]:
     """Generate with ``config`` applied to ``pipe`` (nothing applied at ratio 0: the baseline)."""
     import tokred
 
-    patch = tokred.apply(pipe, config, time_plans=True) if reduces(config) else None
+    reduction = config.reduction  # type: ignore[attr-defined]
+    patch = tokred.apply(pipe, reduction, time_plans=True) if reduces(config) else None
     try:
         start = time.perf_counter()
         with torch.no_grad():
@@ -80,7 +82,7 @@ def generate_with(pipe: Any, config: RunConfig) -> tuple[list[Any], dict[str, An
     return images, {"seconds": seconds, "stats": stats}
 
 
-def write_run(out_dir: Path, config: RunConfig, images: list[Any], record: dict[str, Any]) -> Path:
+def write_run(out_dir: Path, config: GenerateSettings, images: list[Any], record: dict[str, Any]) -> Path:
     """PNGs and record.json, published whole into ``out_dir`` (never half-written)."""
 
     def write(partial: Path) -> Path:
@@ -102,9 +104,17 @@ def write_run(out_dir: Path, config: RunConfig, images: list[Any], record: dict[
     return publish_dir(out_dir, write)
 
 
-def run_generate(config: RunConfig, out_dir: Path) -> dict[str, Any]:
+def run_generate(
+    config: GenerateSettings,
+    out_dir: Path,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
     load_start = time.perf_counter()
-    pipe = sources.load_pipeline(config.model, config.model_options, seed=0).to(default_device())
+    pipe = sources.load_pipeline(config.model, config.model_options, seed=0).to(device or default_device())
+    if dtype is not None:
+        pipe = pipe.to(dtype=dtype)
     load_seconds = time.perf_counter() - load_start
     images, record = generate_with(pipe, config)
     record = {**record, "load_seconds": load_seconds}

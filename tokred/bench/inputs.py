@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from tokred.bench.synthetic import smooth_latents, smooth_tokens
 from tokred.errors import TokredError
-from tokred.synthetic import smooth_latents, smooth_tokens
 
 
 def denoiser_inputs(

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tokred.compare import Method, Row, compare
-from tokred.inputs import denoiser_inputs
-from tokred.models import FLUX_DEV_CONFIG, flux_transformer
+from tokred.bench.compare import Method, Row, compare
+from tokred.bench.inputs import denoiser_inputs
+from tokred.jobs.testbed import FLUX_DEV_CONFIG, flux_transformer
 
 
 def flux_methods(ratio: float) -> list[Method]:
