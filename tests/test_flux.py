@@ -109,7 +109,7 @@ def test_ratio_zero_and_removal_are_bit_identical(pipe, baseline):
 def test_both_modes_non_square_text_lengths_and_batch(pipe, mode):
     with tokred.patched(pipe, "toma", mode=mode) as patch:
         wide = generate(pipe, height=256, width=384)
-        grids = {key[2] for key in patch.engine._plans}
+        grids = {plan.grid for plan in patch.engine.plans}
         long_text = generate(pipe, text_len=256)
         two = generate(pipe, prompt=["a squirrel", "a red house"])
     assert wide.shape == (1, 256, 384, 3) and grids == {(16, 24)}
@@ -125,11 +125,15 @@ def test_double_block_feed_forward_site(pipe, baseline):
     assert not np.array_equal(images, baseline)
 
 
-def test_true_cfg_counts_one_step_per_two_calls(pipe):
+def test_true_cfg_counts_one_step_per_two_calls_and_each_branch_has_its_own_plans(pipe):
     with tokred.patched(pipe, "toma", schedule={"name": "interval", "every": 2}) as patch:
         generate(pipe, steps=3, negative_prompt="blurry", true_cfg_scale=2.0)
         assert patch.stats.model_calls == 6 and patch.stats.steps == 3
-        assert patch.stats.total.plan_builds == 2 * 2  # double and single, at steps 0 and 2
+        # double and single, at steps 0 and 2, for the "cond" and the "uncond" call (diffusers' cache contexts):
+        # the negative call never reuses a plan built from the positive call's features
+        assert patch.stats.total.plan_builds == 2 * 2 * 2
+        branches = {key[0] for key in patch.engine._plans}
+    assert branches == {"cond", "uncond"}
 
 
 def test_bad_sites_are_clear_errors(pipe):
@@ -144,17 +148,27 @@ def test_grid_comes_from_img_ids():
     ids = torch.zeros(3, 5, 3)
     ids[..., 1] += torch.arange(3)[:, None]
     ids[..., 2] += torch.arange(5)[None, :]
-    assert grid_from_ids(ids.view(15, 3)) == (3, 5)
+    assert grid_from_ids(ids.view(15, 3)) == ((3, 5), 0)
     shuffled = ids.view(15, 3).flip(0)
     assert grid_from_ids(shuffled) is None  # not row-major: nothing merges rather than a wrong grid
     assert grid_from_ids(ids.view(15, 3)[:14]) is None
     assert grid_from_ids(None) is None
+    reference = torch.zeros(2, 4, 3)  # Kontext: a reference image's tokens follow, on a grid of their own
+    reference[..., 0] = 1
+    reference[..., 1] += torch.arange(2)[:, None]
+    reference[..., 2] += torch.arange(4)[None, :]
+    assert grid_from_ids(torch.cat((ids.view(15, 3), reference.view(8, 3)))) == ((3, 5), 8)
+    assert grid_from_ids(torch.cat((reference.view(8, 3)[:2], ids.view(15, 3)))) is None
 
 
 def test_gather_rope_keeps_text_and_picks_destinations():
     cos, sin = torch.arange(10.0).view(10, 1).repeat(1, 4), -torch.arange(10.0).view(10, 1).repeat(1, 4)
-    g_cos, g_sin = gather_rope((cos, sin), 3, torch.tensor([4, 0, 2]))
+    g_cos, g_sin = gather_rope((cos, sin), 3, torch.tensor([[4, 0, 2]]))  # shared by the batch
     assert g_cos[:, 0].tolist() == [0, 1, 2, 7, 3, 5] and g_sin[:, 0].tolist() == [0, -1, -2, -7, -3, -5]
+    per_sample, _ = gather_rope((cos, sin), 3, torch.tensor([[4, 0, 2], [1, 5, 6]]))  # each image its own
+    assert per_sample[..., 0].tolist() == [[0, 1, 2, 7, 3, 5], [0, 1, 2, 4, 8, 9]]
+    with_extra, _ = gather_rope((cos, sin), 3, torch.tensor([[4, 0]]), grid_tokens=5, extra=2)
+    assert with_extra[:, 0].tolist() == [0, 1, 2, 7, 3, 8, 9]  # extra tokens keep their positions
 
 
 class _Reversed:

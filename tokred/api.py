@@ -62,13 +62,29 @@ class Patch:
 
     @property
     def active(self) -> bool:
-        from tokred.adapters.hooks import tokred_hooks
+        """Whether this patch's hooks are in place (False once removed or replaced, and for a ratio-0 patch,
+        which registers nothing)."""
+        from tokred.adapters.hooks import EntryHook, tokred_hooks
 
-        return any(getattr(hook, "engine", None) is self.engine for _, _, hook in tokred_hooks(self.model))
+        for module, _, hook in tokred_hooks(self.model):
+            if getattr(hook, "engine", None) is not self.engine:
+                continue
+            if isinstance(hook, EntryHook) and hook.handle.id not in module._forward_pre_hooks:
+                return False
+            return True
+        return False
 
     def reset(self) -> None:
         """Zero the statistics and forget the step count and cached plans."""
         self.engine.reset()
+
+    def new_run(self) -> None:
+        """Tell the patch that a new image starts: the next model call is step 0, with fresh plans.
+
+        A patched pipeline does this itself; call it between images when you drive a bare model, where tokred
+        cannot tell a new image at the same timestep (one-step and few-step models) from a second call of a step.
+        """
+        self.engine.new_run()
 
     def remove(self) -> None:
         """Remove this patch's hooks (a no-op when another patch already replaced it)."""
@@ -128,6 +144,8 @@ def apply(
         >>> patch.stats.total.plan_reuses
         >>> tokred.remove(pipe)
     """
+    from tokred.adapters.hooks import invalidate_registry_caches
+
     registries = _registries(registries)
     model = find_denoiser(target)
     reduction = resolve_reduction(config, registries, **overrides)
@@ -135,6 +153,8 @@ def apply(
     adapter.check(reduction.config)  # a config the adapter refuses leaves any earlier patch in place
     remove(target)
     engine = Engine(reduction, time_plans=time_plans)
+    if reduction.config.ratio == 0:
+        return Patch(model, adapter_name, engine, [])  # nothing to reduce: the model is left untouched
     try:
         sites = adapter.attach(model, engine, reduction.config)
         if not sites:
@@ -142,10 +162,12 @@ def apply(
                 f"adapter {adapter_name!r} found no site in {type(model).__qualname__} for sites "
                 f"{list(reduction.config.sites)}"
             )
+        invalidate_registry_caches(model)  # so diffusers' cache contexts and resets reach the new hooks
     except BaseException:
         adapter.detach(model, engine)  # nothing half-applied stays behind
         raise
     scheduler = _watch_runs(target, engine)
+    engine.runs_watched = scheduler is not None
     return Patch(model, adapter_name, engine, sites, scheduler)
 
 

@@ -97,10 +97,20 @@ class ReductionConfig(BaseModel):
         min_length=1,
         description="sub-layers reduced: attn1 (self-attention), attn2 (cross-attention), ff",
     )
-    proportional: bool = Field(
-        True,
-        description="proportional attention: merged keys get log(tokens they stand for) added to their logits",
+    proportional: Literal["auto", "fold", "mask", "flex", "off"] = Field(
+        "auto",
+        description="proportional attention (merged keys get log(tokens they stand for) added to their logits): "
+        "auto (fold where the attention backend takes it, else mask, else off with a warning), fold (one extra "
+        "head channel, no mask: flash kernels stay eligible), mask (an additive mask), flex (FlexAttention "
+        "score_mod), off; true means auto and false off",
     )
+
+    @field_validator("proportional", mode="before")
+    @classmethod
+    def _proportional_bools(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
 
     @field_validator("sites")
     @classmethod

@@ -6,7 +6,10 @@ at each site, for the plan to apply to that site's tokens.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -17,6 +20,8 @@ from tokred.plan import MergePlan
 from tokred.reduction import Reduction
 from tokred.strategies.base import SiteInfo
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class SiteStats:
@@ -24,6 +29,7 @@ class SiteStats:
 
     calls: int = 0  # forward calls of the site's sub-layer
     merged_calls: int = 0  # calls that ran on fewer tokens
+    skipped: int = 0  # calls whose tokens were not the site's whole grid (nothing to merge: see Patch docs)
     tokens_in: int = 0  # tokens entering the merged calls, summed over calls
     tokens_out: int = 0  # tokens the sub-layer ran on in those calls
     plan_builds: int = 0
@@ -74,6 +80,14 @@ class Stats:
         }
 
 
+@dataclass(eq=False)
+class SiteSlot:
+    """Where a site inside a compiled block finds the plan its scope's entry prepared for the current call."""
+
+    site: SiteInfo
+    plan: MergePlan | None = None
+
+
 @dataclass
 class _CachedPlan:
     plan: MergePlan
@@ -85,8 +99,11 @@ class Engine:
     """Counts denoising steps, asks the schedule, builds or reuses plans, and keeps statistics.
 
     Steps come from the timesteps the model is called with: a smaller timestep than the last one is the next
-    step, the same one is the same step (true CFG calls the model twice per step), a larger one starts a new
-    run (a new pipeline call), which drops every cached plan.
+    step, the same one is the same step (true CFG calls the model twice per step, once per branch), a larger one
+    starts a new run (a new pipeline call), which drops every cached plan. A pipeline also ends a run explicitly
+    (its scheduler sets new timesteps; diffusers resets stateful hooks after the call), which is how one-step runs
+    are told apart. Plans are kept per CFG branch (the pipeline's ``cache_context`` name), so the unconditional
+    call never reuses a plan built from the conditional one's features.
     """
 
     def __init__(self, reduction: Reduction, *, time_plans: bool = False) -> None:
@@ -95,21 +112,30 @@ class Engine:
         self.time_plans = time_plans
         self.stats = Stats()
         self.step = 0
+        #: whether something outside the model marks new runs (a pipeline); a bare model cannot tell a second
+        #: image at the same timestep from a second CFG call, and says so once
+        self.runs_watched = False
         self._last_timestep: float | None = None
+        self._last_branch: str | None = None
         self._plans: dict[object, _CachedPlan] = {}
         self._run_ended = False
+        self._warned_repeat = False
+        #: the CFG branch of the current call (the pipeline's cache context), set by the adapter
+        self.branch_source: Callable[[], str | None] = lambda: None
 
     @property
     def mode(self) -> str:
         return self.reduction.config.mode
 
     @property
-    def proportional(self) -> bool:
-        """Whether merged keys get log(size) added to their attention logits."""
+    def proportional_way(self) -> str:
+        """How merged keys get log(size) added to their attention logits: auto, fold, mask, flex or off."""
         return self.reduction.config.proportional
 
+    @torch.compiler.disable
     def begin_model_call(self, timestep: Tensor | float | int | None) -> None:
         """Called by the adapter before each forward of the model."""
+        branch = self.branch_source()
         self.stats.model_calls += 1
         if self._run_ended:
             self._run_ended = False
@@ -126,7 +152,17 @@ class Engine:
         elif value < self._last_timestep:
             self.step += 1
             self.stats.steps += 1
+        elif branch == self._last_branch and not self.runs_watched and not self._warned_repeat:
+            self._warned_repeat = True
+            logger.warning(
+                "tokred: the model was called twice in a row at timestep %s. On a bare model tokred cannot tell a "
+                "new image at the same timestep (one-step and few-step models) from a second call of the same "
+                "step, and keeps reusing this run's plans; call patch.new_run() before each new image, or apply "
+                "tokred to the pipeline.",
+                value,
+            )
         self._last_timestep = value
+        self._last_branch = branch
 
     def new_run(self) -> None:
         """The current denoising run is over (a pipeline call ended, or the next one set its timesteps).
@@ -136,35 +172,38 @@ class Engine:
         """
         self._run_ended = True
 
+    @property
+    def plans(self) -> list[MergePlan]:
+        """The plans cached now (the current run's, or the last one's until the next call)."""
+        return [cached.plan for cached in self._plans.values()]
+
     def reset(self) -> None:
         """Forget the step count and cached plans, and zero the statistics."""
         self.step = 0
         self._last_timestep = None
+        self._last_branch = None
         self._plans.clear()
         self._run_ended = False
         self.stats.reset()
 
+    @torch.compiler.disable
     def plan_for(
-        self, site: SiteInfo, tokens: Tensor, grid: tuple[int, int] | None, *, share_batch: bool = False
+        self,
+        site: SiteInfo,
+        tokens: Tensor,
+        grid: tuple[int, ...] | None,
+        *,
+        share_batch: bool = False,
     ) -> MergePlan | None:
         """The plan this site applies to ``tokens`` (B, N, C) now, or ``None`` to run it unchanged."""
         stats = self.stats.site(site.name)
         stats.calls += 1
-        if grid is None or tokens.shape[1] != grid[0] * grid[1] or not self.schedule.merges(self.step, site):
-            return None  # not a merging step or block, or not the whole grid (a chunked feed-forward, say)
-        key = self.schedule.share_key(site, grid)
-        signature = (tokens.shape[0], tokens.shape[1], tokens.device, share_batch)
-        cached = self._plans.get(key)
-        if (
-            cached is not None
-            and cached.signature == signature
-            and not self.schedule.rebuilds(self.step, cached.built_at)
-        ):
-            plan = cached.plan
-            stats.plan_reuses += 1
-        else:
-            plan = self._build(tokens, grid, share_batch, stats)
-            self._plans[key] = _CachedPlan(plan, self.step, signature)
+        if grid is None or tokens.shape[1] != math.prod(grid):
+            stats.skipped += 1  # not the whole grid (a chunked feed-forward, ids that are no grid, ...)
+            return None
+        if not self.schedule.merges(self.step, site):
+            return None
+        plan = self._plan(site, tokens, grid, share_batch, stats)
         if plan.is_identity:
             return None
         stats.merged_calls += 1
@@ -172,17 +211,59 @@ class Engine:
         stats.tokens_out += plan.num_destinations
         return plan
 
-    def _build(self, tokens: Tensor, grid: tuple[int, int], share_batch: bool, stats: SiteStats) -> MergePlan:
+    def _plan(
+        self, site: SiteInfo, tokens: Tensor, grid: tuple[int, ...], share_batch: bool, stats: SiteStats
+    ) -> MergePlan:
+        key = (self.branch_source(), self.schedule.share_key(site, grid))
+        signature = (tokens.shape[0], tokens.shape[1], tokens.device, share_batch)
+        cached = self._plans.get(key)
+        if (
+            cached is not None
+            and cached.signature == signature
+            and not self.schedule.rebuilds(self.step, cached.built_at)
+        ):
+            stats.plan_reuses += 1
+            return cached.plan
+        plan = self._build(tokens, grid, share_batch, stats)
+        self._plans[key] = _CachedPlan(plan, self.step, signature)
+        return plan
+
+    @torch.compiler.disable
+    def prepare(self, slots: list[SiteSlot], tokens: Tensor | None, grid: tuple[int, ...] | None) -> None:
+        """Before compiled blocks run: the plan of every slot for this call, from the scope's entry ``tokens``.
+
+        The counters count every site scheduled to run; a site inside a skipped (cached) block is counted too.
+        """
+        for slot in slots:
+            slot.plan = None
+            stats = self.stats.site(slot.site.name)
+            stats.calls += 1
+            if tokens is None or grid is None or tokens.shape[1] != math.prod(grid):
+                stats.skipped += 1
+                continue
+            if not self.schedule.merges(self.step, slot.site):
+                continue
+            plan = self._plan(slot.site, tokens, grid, False, stats)
+            if plan.is_identity:
+                continue
+            plan.prepare(tokens.dtype)  # casts made now, outside the graph
+            slot.plan = plan
+            stats.merged_calls += 1
+            stats.tokens_in += plan.num_tokens
+            stats.tokens_out += plan.num_destinations
+
+    def _build(self, tokens: Tensor, grid: tuple[int, ...], share_batch: bool, stats: SiteStats) -> MergePlan:
         stats.plan_builds += 1
-        timed = self.time_plans
-        if timed and tokens.device.type == "cuda":
-            torch.cuda.synchronize(tokens.device)
-        start = time.perf_counter()
+        start = self._clock(tokens) if self.time_plans else 0.0
         # plans are float32 by design: autocast must not turn the similarity products into half precision
         with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
             plan = self.reduction.plan(tokens.detach(), grid, share_batch=share_batch, salt=self.step)
-        if timed:
-            if tokens.device.type == "cuda":
-                torch.cuda.synchronize(tokens.device)
-            stats.build_seconds += time.perf_counter() - start
+        if self.time_plans:
+            stats.build_seconds += self._clock(tokens) - start
         return plan
+
+    @staticmethod
+    def _clock(tokens: Tensor) -> float:
+        if tokens.device.type == "cuda":
+            torch.cuda.synchronize(tokens.device)
+        return time.perf_counter()

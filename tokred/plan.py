@@ -114,6 +114,15 @@ class MergePlan:
         eye = torch.eye(self.num_destinations, device=self.destinations.device)
         return self.unmerge(eye.expand(self.destinations.shape[0], -1, -1).contiguous())
 
+    def prepare(self, dtype: torch.dtype) -> MergePlan:
+        """Make the casts that applying this plan to ``dtype`` tokens needs now (so applying it only reads)."""
+        for name in ("merge_weights", "unmerge_weights"):
+            if getattr(self, name) is not None:
+                self._weights(name, dtype)
+        if self.sizes is not None:
+            self.log_sizes(dtype)
+        return self
+
     def log_sizes(self, dtype: torch.dtype) -> Tensor:
         """(B, D) log(sizes) in ``dtype``: the bias of proportional attention (cached per dtype)."""
         key = ("log_sizes", dtype)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokred.adapters.hooks import GridCell, GridHook, StepHook, TokredHook, remove_hooks
+from tokred.adapters.hooks import FeatureReader, GridCell, GridHook, GridReader, StateHook, StepHook, remove_hooks
 from tokred.config import ReductionConfig
 from tokred.engine import Engine
 from tokred.errors import ConfigError, ConfigIssue
@@ -23,10 +23,9 @@ from tokred.registry import NoOptions, Options
 from tokred.strategies.base import SiteInfo
 
 Grid = tuple[int, ...]
-#: builds the hook of one site: (engine, site, the grid cell of its scope) -> hook
-HookFactory = Callable[[Engine, SiteInfo, GridCell], TokredHook]
-#: reads the grid from a module call's (args, kwargs); None: no grid (nothing merges)
-GridReader = Callable[[tuple[Any, ...], dict[str, Any]], "Grid | None"]
+#: builds the site hook of one site: (engine, site, the grid cell of its scope) -> an object with
+#: ``register(module)`` and ``remove(module)`` (a :class:`~tokred.adapters.hooks.Site`)
+HookFactory = Callable[[Engine, SiteInfo, GridCell], Any]
 
 
 @dataclass(frozen=True)
@@ -63,11 +62,16 @@ class BlockPattern:
 
 @dataclass(frozen=True)
 class Scope:
-    """A module whose call carries the token grid of the blocks inside it (the model, or one stage of it)."""
+    """A module whose call carries the token grid of the blocks inside it (the model, or one stage of it).
+
+    ``read_features`` gives the scope's image tokens (B, N, C) from the same call: when the blocks run compiled,
+    plans are built from them at the scope's entry (sites inside a compiled block cannot build plans).
+    """
 
     module: torch.nn.Module
     path: str
     read_grid: GridReader
+    read_features: FeatureReader | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class FoundSite:
     info: SiteInfo
     factory: HookFactory
     scope: Scope = field(repr=False)
+    block: torch.nn.Module = field(repr=False)
 
 
 def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -119,7 +124,7 @@ class Adapter:
 
     def scopes(self, model: torch.nn.Module) -> list[Scope]:
         """The modules whose calls carry the grid, in forward order (default: the model itself)."""
-        return [Scope(model, "", self.read_grid)]
+        return [Scope(model, "", self.read_grid, self.read_features)]
 
     def read_grid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Grid | None:
         """The token grid of a call of the scope's module, from its arguments (None: not a full grid)."""
@@ -197,8 +202,21 @@ class Adapter:
                             continue
                         name = f"{path}.{rule.path}" if rule.path else path
                         info = SiteInfo(name, rule.kind, pattern.family, number)
-                        found.append(FoundSite(module, info, rule.modes[config.mode], scope))
+                        found.append(FoundSite(module, info, rule.modes[config.mode], scope, block))
         return found
+
+    def read_features(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The scope's image tokens (B, N, C) from its call (default: none; compiled blocks then merge nothing)."""
+        return None
+
+    def state_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A module of ``model`` that is never called (a container of blocks), to hold tokred's state hook."""
+        for scope in self.scopes(model):
+            for pattern in self.patterns:
+                container = _submodule(scope.module, pattern.container)
+                if isinstance(container, torch.nn.ModuleList):
+                    return container
+        raise TypeError(f"{type(model).__name__} has no block container to hold tokred's state hook")
 
     def attach(self, model: torch.nn.Module, engine: Engine, config: ReductionConfig) -> list[SiteInfo]:
         """Register the hooks of every site; returns the sites (empty: nothing to reduce, nothing registered)."""
@@ -211,8 +229,14 @@ class Adapter:
             key = id(site.scope.module)
             if key not in cells:
                 cells[key] = GridCell()
-                GridHook(engine, cells[key], site.scope.read_grid).register(site.scope.module)
-            site.factory(engine, site.info, cells[key]).register(site.module)
+                scope = site.scope
+                GridHook(engine, cells[key], scope.read_grid, scope.read_features).register(scope.module)
+            cell = cells[key]
+            for module in (site.block, site.module):
+                if all(module is not known for known in cell.blocks):
+                    cell.blocks.append(module)
+            site.factory(engine, site.info, cell).register(site.module)
+        StateHook(engine).register(self.state_module(model))
         index, name = self.timestep_arg(model)
         StepHook(engine, timestep_index=index, timestep_name=name).register(model)
         return [site.info for site in sites]

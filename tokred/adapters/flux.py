@@ -1,18 +1,23 @@
-"""The Flux adapter: ToMA on the image tokens of ``FluxTransformer2DModel``.
+"""The Flux adapter: token reduction on the image tokens of ``FluxTransformer2DModel``.
 
-Text tokens (any length: read from the inputs) pass untouched. The image grid comes from ``img_ids`` (a hook on
-the transformer's forward). Sites, by block family:
+Text tokens (any length, read from the inputs) pass untouched. The image grid comes from ``img_ids`` at the
+transformer's entry; tokens after the grid that belong to no grid of theirs — the reference image of Flux Kontext,
+whose ids start a second grid — pass untouched like text. Sites, by block family:
 
-- ``double`` blocks: ``attn1`` is the joint attention (image part of Q/K/V in ``tokens`` mode, image K/V only in
+- ``double`` blocks: ``attn1`` is the joint attention (image Q/K/V merged in ``tokens`` mode; image K/V reduced in
   ``kv`` mode); ``ff`` is the image feed-forward (``tokens`` mode).
 - ``single`` blocks (``attn1``): ``tokens`` mode runs the whole block — attention and parallel MLP, output
   projection included — on the merged image tokens and unmerges only the block's update,
-  out = x + U·(f(M·x) − M·x), so the residual stream stays exact; ``kv`` mode reduces image K/V of its
+  out = x + U·(f(M·x) − M·x), so the residual stream stays exact; ``kv`` mode reduces the image K/V of its
   attention.
 
-RoPE: in ``tokens`` mode the (cos, sin) tables are gathered at the destination positions (destinations are
-chosen once for the whole batch, from batch-pooled features, since the tables carry no batch dimension); in
-``kv`` mode RoPE is applied at full positions first, then K and V are reduced.
+The attention runs as the module's processor while a patch is active (the module's own projections and norms,
+diffusers' attention dispatch with the processor's backend), because two things need a place between the
+projections and the kernel: RoPE per sample — each image picks its own destinations, so its position table is its
+own, which diffusers' ``apply_rotary_emb`` (one (S, D) table for the batch) cannot take — and, in ``kv`` mode,
+reducing keys and values after RoPE. An IP-adapter processor (a module with weights of its own) is left in place;
+around it, merging uses destinations shared by the batch and a mask for proportional attention where the backend
+takes one.
 """
 
 from __future__ import annotations
@@ -21,8 +26,6 @@ from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
@@ -30,8 +33,9 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import Tensor
 
+from tokred.adapters.attention import AttentionSite, active_backend, attend, gather_positions, rotate
 from tokred.adapters.base import Adapter, BlockPattern, Grid, SiteRule
-from tokred.adapters.hooks import GridCell, TokenSiteHook, TokredHook
+from tokred.adapters.hooks import GridCell, ModuleSite, TokenSiteHook, argument
 from tokred.engine import Engine
 from tokred.plan import MergePlan
 from tokred.strategies.base import SiteInfo
@@ -39,129 +43,91 @@ from tokred.strategies.base import SiteInfo
 Rope = tuple[Tensor, Tensor]
 
 
-def grid_from_ids(img_ids: Tensor | None) -> tuple[int, int] | None:
-    """(h, w) when ``img_ids`` rows are (·, row, col) of a full row-major grid; None otherwise (no merging)."""
+def grid_from_ids(img_ids: Tensor | None) -> tuple[Grid, int] | None:
+    """((h, w), extra) when the leading rows of ``img_ids`` are (0, row, col) of a full row-major grid; ``extra``
+    rows may follow with another first id (a reference image). None otherwise (no merging)."""
     if not isinstance(img_ids, Tensor):
         return None
     ids = img_ids[0] if img_ids.dim() == 3 else img_ids
-    rows, cols = ids[:, 1].round().long(), ids[:, 2].round().long()
+    first = ids[:, 0] == 0  # the image being generated; a reference image (Kontext) has first id 1
+    count = int(first.sum())
+    if not bool(first[:count].all()):
+        return None  # the grid's rows are not all in front
+    rows, cols = ids[:count, 1].round().long(), ids[:count, 2].round().long()
     rows, cols = rows - rows.min(), cols - cols.min()
     h, w = int(rows.max()) + 1, int(cols.max()) + 1
-    if h * w != ids.shape[0]:
+    if h * w != count or not bool((rows * w + cols == torch.arange(count, device=ids.device)).all()):
         return None
-    expected = torch.arange(h * w, device=ids.device)
-    if not bool((rows * w + cols == expected).all()):
-        return None
-    return h, w
+    return (h, w), ids.shape[0] - count
 
 
-def gather_rope(rope: Rope, text_len: int, destinations: Tensor) -> Rope:
-    """(cos, sin) of the text positions followed by those of the destination image tokens."""
-    index = torch.cat((torch.arange(text_len, device=destinations.device), destinations + text_len))
-    return rope[0].index_select(0, index.to(rope[0].device)), rope[1].index_select(0, index.to(rope[1].device))
+def stream_positions(text_len: int, destinations: Tensor, grid_tokens: int, extra: int) -> Tensor:
+    """Indices into a [text, image grid, extra] position table of the merged stream [text, destinations, extra]:
+    (B, L + D + E), or (L + D + E,) for destinations shared by the batch ((1, D))."""
+    device = destinations.device
+    text = torch.arange(text_len, device=device)
+    tail = torch.arange(extra, device=device) + text_len + grid_tokens
+    if destinations.shape[0] == 1:
+        return torch.cat((text, destinations[0] + text_len, tail))
+    batch = destinations.shape[0]
+    return torch.cat((text.expand(batch, -1), destinations + text_len, tail.expand(batch, -1)), dim=1)
 
 
-def _shared_destinations(plan: MergePlan) -> Tensor:
-    return plan.destinations[0]  # built with share_batch: every row is the same
+def gather_rope(rope: Rope, text_len: int, destinations: Tensor, grid_tokens: int = 0, extra: int = 0) -> Rope:
+    """(cos, sin) of the merged stream: text positions, then those of the destinations, then the extra tokens'."""
+    grid_tokens = grid_tokens or int(rope[0].shape[0]) - text_len - extra
+    index = stream_positions(text_len, destinations, grid_tokens, extra)
+    return gather_positions(rope[0], index), gather_positions(rope[1], index)
 
 
-def accepts_key_bias(attention: torch.nn.Module) -> bool:
-    """Proportional attention needs an additive mask, which diffusers' flash and sage backends refuse: it is
-    used only with the default (native) backend."""
-    processor = getattr(attention, "processor", None)
-    backend = getattr(getattr(processor, "original", processor), "_attention_backend", None)
-    return backend is None or str(getattr(backend, "value", backend)) == "native"
-
-
-def joint_key_bias(plan: MergePlan, text_len: int, dtype: torch.dtype) -> Tensor:
-    """(B, 1, 1, L+D): 0 on the text keys, log(size) on the merged image keys (proportional attention)."""
+def stream_bias(plan: MergePlan, text_len: int, extra: int, dtype: torch.dtype) -> Tensor:
+    """(B, L + D + E): 0 on text and extra keys, log(size) on the merged image keys."""
     sizes = plan.log_sizes(dtype)
-    text = sizes.new_zeros(sizes.shape[0], text_len)
-    return torch.cat((text, sizes), dim=1)[:, None, None, :]
+    parts = [sizes.new_zeros(sizes.shape[0], text_len), sizes]
+    if extra:
+        parts.append(sizes.new_zeros(sizes.shape[0], extra))
+    return torch.cat(parts, dim=1)
 
 
-_ATTENTION_KWARGS = {"hidden_states", "encoder_hidden_states", "image_rotary_emb"}
+def _project(attn: torch.nn.Module, hidden: Tensor, text: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, K, V (B, S, H, D) as diffusers' Flux processor makes them: text first when the block has a text stream."""
+    query, key, value, e_query, e_key, e_value = _get_qkv_projections(attn, hidden, text)
+    query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    if attn.added_kv_proj_dim is not None and text is not None:
+        e_query, e_key, e_value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (e_query, e_key, e_value))
+        e_query, e_key = attn.norm_added_q(e_query), attn.norm_added_k(e_key)
+        query, key, value = (torch.cat(pair, dim=1) for pair in ((e_query, query), (e_key, key), (e_value, value)))
+    return query, key, value
 
 
-class FluxAttentionSiteHook(TokenSiteHook):
-    """Double-block joint attention in ``tokens`` mode: image Q/K/V merged, RoPE gathered, image output unmerged.
-
-    Calls with anything more (an attention mask, IP-adapter states) run unchanged.
-    """
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
-        self._pending = None
-        hidden = kwargs.get("hidden_states")
-        text = kwargs.get("encoder_hidden_states")
-        rope = kwargs.get("image_rotary_emb")
-        if args or set(kwargs) - _ATTENTION_KWARGS or not isinstance(text, Tensor) or rope is None:
-            return args, kwargs
-        plan = self.engine.plan_for(self.site, hidden, self.cell.grid, share_batch=self.share_batch)
-        if plan is None:
-            return args, kwargs
-        self._pending = plan
-        rope = gather_rope(rope, text.shape[1], _shared_destinations(plan))
-        kwargs = {**kwargs, "hidden_states": plan.merge(hidden), "image_rotary_emb": rope}
-        if self.engine.proportional and accepts_key_bias(module):
-            kwargs["attention_mask"] = joint_key_bias(plan, text.shape[1], hidden.dtype)
-        return args, kwargs
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        plan, self._pending = self._pending, None
-        if plan is None:
-            return output
-        image, text = output
-        return plan.unmerge(image), text
+def _finish(attn: torch.nn.Module, out: Tensor, text: Tensor | None, dtype: torch.dtype) -> Any:
+    out = out.flatten(2, 3).to(dtype)
+    if text is None:
+        return out
+    text_out, image_out = out.split_with_sizes([text.shape[1], out.shape[1] - text.shape[1]], dim=1)
+    return attn.to_out[1](attn.to_out[0](image_out.contiguous())), attn.to_add_out(text_out.contiguous())
 
 
-class FluxSingleBlockSiteHook(TokenSiteHook):
-    """A whole single block in ``tokens`` mode, on the merged image tokens; only its update is unmerged."""
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
-        self._pending = None
-        hidden = kwargs.get("hidden_states")
-        text = kwargs.get("encoder_hidden_states")
-        rope = kwargs.get("image_rotary_emb")
-        if args or kwargs.get("joint_attention_kwargs") or not isinstance(text, Tensor) or rope is None:
-            return args, kwargs  # positional calls, masks and IP-adapter states run unchanged
-        plan = self.engine.plan_for(self.site, hidden, self.cell.grid, share_batch=self.share_batch)
-        if plan is None:
-            return args, kwargs
-        merged = plan.merge(hidden)
-        self._pending = (plan, hidden, merged)
-        rope = gather_rope(rope, text.shape[1], _shared_destinations(plan))
-        kwargs = {**kwargs, "hidden_states": merged, "image_rotary_emb": rope}
-        if self.engine.proportional and accepts_key_bias(module.attn):
-            kwargs["joint_attention_kwargs"] = {"attention_mask": joint_key_bias(plan, text.shape[1], hidden.dtype)}
-        return args, kwargs
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return output
-        plan, hidden, merged = pending
-        text_out, image_out = output
-        out = hidden + plan.unmerge(image_out - merged)
-        if out.dtype == torch.float16:  # as the block does to its own output
-            out = out.clip(-65504, 65504)
-        return text_out, out
+def _unmerge_stream(plan: MergePlan, image: Tensor) -> Tensor:
+    """(B, D + E, C) -> (B, N + E, C): the merged part unmerged, extra tokens as they are."""
+    restored = plan.unmerge(image[:, : plan.num_destinations])
+    extra = image[:, plan.num_destinations :]
+    return torch.cat((restored, extra), dim=1) if extra.shape[1] else restored
 
 
-class ReducedKVProcessor:
-    """A Flux attention processor that applies RoPE at full positions, then reduces the image keys and values.
+class FluxAttentionSite(AttentionSite):
+    """A Flux attention: the joint attention of a double block (``tokens`` or ``kv`` mode) or a single block's
+    attention (``kv`` mode; in ``tokens`` mode it only serves the enclosing :class:`FluxSingleBlockSite`)."""
 
-    Installed by :class:`FluxKVSiteHook` while a patch is active (the stock processor computes RoPE and attention
-    in one call, leaving no point to reduce K/V after RoPE); the module's own projections and norms, diffusers'
-    ``apply_rotary_emb`` and ``scaled_dot_product_attention`` do the work. Without a plan it defers to the
-    original processor.
-    """
+    def __init__(self, engine: Engine, site: SiteInfo, cell: GridCell, mode: str = "tokens", inner: bool = False):
+        super().__init__(engine, site, cell, mode)
+        self.inner = inner
+        self.outer: tuple[MergePlan, int] | None = None  # set by the enclosing single-block site for one call
 
-    def __init__(self, original: Any, hook: FluxKVSiteHook) -> None:
-        self.original = original
-        self.hook = hook
-
-    def __call__(
+    def process(
         self,
+        original: Any,
         attn: torch.nn.Module,
         hidden_states: Tensor,
         encoder_hidden_states: Tensor | None = None,
@@ -169,100 +135,176 @@ class ReducedKVProcessor:
         image_rotary_emb: Rope | None = None,
         **kwargs: Any,
     ) -> Any:
-        plan, image_len = self.hook.take_plan()
-        if plan is None or attention_mask is not None or image_rotary_emb is None or kwargs:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
-        query, key, value, e_query, e_key, e_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            e_query, e_key, e_value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (e_query, e_key, e_value))
-            e_query, e_key = attn.norm_added_q(e_query), attn.norm_added_k(e_key)
-            query, key, value = (torch.cat(pair, dim=1) for pair in ((e_query, query), (e_key, key), (e_value, value)))
-        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        def unchanged() -> Any:
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+
+        if kwargs or attention_mask is not None or image_rotary_emb is None or self.cell.grid is None:
+            return unchanged()
+        if self.inner:
+            if self.outer is None:
+                return unchanged()
+            plan, text_len = self.outer
+            return self.attention(original, attn, hidden_states, None, image_rotary_emb, plan, text_len)
+        text = encoder_hidden_states
+        if self.mode == "kv":
+            return self.reduced_kv(original, attn, hidden_states, text, image_rotary_emb, unchanged)
+        if text is None:
+            return unchanged()
+        grid_part, extra = self.split(hidden_states)
+        plan = self.plan(grid_part)
+        if plan is None:
+            return unchanged()
+        merged = plan.merge(grid_part)
+        stream = merged if extra is None else torch.cat((merged, extra), dim=1)
+        rope = gather_rope(image_rotary_emb, text.shape[1], plan.destinations, grid_part.shape[1], self.cell.extra)
+        image_out, text_out = self.attention(original, attn, stream, text, rope, plan, text.shape[1])
+        return _unmerge_stream(plan, image_out), text_out
+
+    def attention(
+        self,
+        original: Any,
+        attn: torch.nn.Module,
+        stream: Tensor,
+        text: Tensor | None,
+        rope: Rope,
+        plan: MergePlan,
+        text_len: int,
+    ) -> Any:
+        """Attention over [text, merged image, extra] with per-sample RoPE and merged keys weighed by their sizes."""
+        query, key, value = _project(attn, stream, text)
+        query, key = rotate(query, *rope), rotate(key, *rope)
+        way = self.way(original, attn.head_dim)
+        bias = stream_bias(plan, text_len, self.cell.extra, query.dtype) if way != "off" else None
+        out = attend(query, key, value, key_bias=bias, way=way, backend=active_backend(original), processor=original)
+        return _finish(attn, out, text, query.dtype)
+
+    def reduced_kv(
+        self, original: Any, attn: torch.nn.Module, hidden: Tensor, text: Tensor | None, rope: Rope, unchanged: Any
+    ) -> Any:
+        """Full queries; image keys and values merged after RoPE at full positions."""
+        grid_tokens, extra = self.cell.tokens, self.cell.extra
+        image_len = grid_tokens + extra
+        joint = text is None  # a single block's attention sees [text, image]
+        if hidden.shape[1] < image_len or (not joint and hidden.shape[1] != image_len):
+            return unchanged()
+        start = hidden.shape[1] - image_len if joint else 0
+        plan = self.plan(hidden[:, start : start + grid_tokens])
+        if plan is None:
+            return unchanged()
+        query, key, value = _project(attn, hidden, text)
+        query, key = rotate(query, *rope), rotate(key, *rope)
         text_len = key.shape[1] - image_len
 
-        def reduce(t: Tensor) -> Tensor:  # (B, L+N, H, d) -> (B, L+D, H, d): image part merged
-            image = plan.merge(t[:, text_len:].flatten(2)).unflatten(-1, t.shape[2:])
-            return torch.cat((t[:, :text_len], image), dim=1)
+        def reduce(t: Tensor) -> Tensor:  # (B, L+N+E, H, d) -> (B, L+D+E, H, d): the grid part merged
+            grid = t[:, text_len : text_len + grid_tokens]
+            merged = plan.merge(grid.flatten(2)).unflatten(-1, t.shape[2:])
+            return torch.cat((t[:, :text_len], merged, t[:, text_len + grid_tokens :]), dim=1)
 
         key, value = reduce(key), reduce(value)
-        use_bias = self.hook.engine.proportional and accepts_key_bias(attn)
-        bias = joint_key_bias(plan, text_len, query.dtype) if use_bias else None
-        out = dispatch_attention_fn(  # the backend (and parallel config) the original processor was given
-            query,
-            key,
-            value,
-            attn_mask=bias,
-            backend=getattr(self.original, "_attention_backend", None),
-            parallel_config=getattr(self.original, "_parallel_config", None),
-        )
-        out = out.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        text_out, image_out = out.split_with_sizes([encoder_hidden_states.shape[1], image_len], dim=1)
-        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
-        return image_out, attn.to_add_out(text_out.contiguous())
+        way = self.way(original, attn.head_dim)
+        bias = stream_bias(plan, text_len, extra, query.dtype) if way != "off" else None
+        out = attend(query, key, value, key_bias=bias, way=way, backend=active_backend(original), processor=original)
+        return _finish(attn, out, text, query.dtype)
 
-
-class FluxKVSiteHook(TokredHook):
-    """``kv`` mode on a Flux attention (double or single block): image keys and values reduced after RoPE."""
-
-    role = "site"
-
-    def __init__(self, engine: Engine, site: SiteInfo, cell: GridCell) -> None:
-        super().__init__(engine)
-        self.site, self.cell = site, cell
-        self._pending: tuple[MergePlan | None, int] = (None, 0)
-        self._original: Any = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._original = module.processor
-        if not isinstance(self._original, torch.nn.Module):  # module processors (IP-adapter) keep their own path
-            module.processor = ReducedKVProcessor(self._original, self)
-        return module
-
-    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' spelling)
-        if isinstance(module.processor, ReducedKVProcessor) and module.processor.hook is self:
-            module.processor = self._original
-        return module
-
-    def take_plan(self) -> tuple[MergePlan | None, int]:
-        pending, self._pending = self._pending, (None, 0)
-        return pending
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
-        self._pending = (None, 0)
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        grid = self.cell.grid
-        if not isinstance(hidden, Tensor) or grid is None or not isinstance(module.processor, ReducedKVProcessor):
-            return args, kwargs
-        image_len = grid[0] * grid[1]
-        joint = self.site.family == "single"  # a single block's attention sees [text, image]
-        if hidden.shape[1] < image_len or (not joint and hidden.shape[1] != image_len):
-            return args, kwargs
-        image = hidden[:, hidden.shape[1] - image_len :] if joint else hidden
-        plan = self.engine.plan_for(self.site, image, grid)
-        if plan is not None:
-            self._pending = (plan, image_len)
+    # an IP-adapter processor stays in place: merge around it, with destinations shared by the batch
+    def hooked_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hidden, text = kwargs.get("hidden_states"), kwargs.get("encoder_hidden_states")
+        rope = kwargs.get("image_rotary_emb")
+        if self.mode != "tokens" or args or not isinstance(text, Tensor) or rope is None or self.cell.grid is None:
+            return None
+        if kwargs.get("attention_mask") is not None:
+            return None
+        grid_part, extra = self.split(hidden)
+        plan = self.plan(grid_part, share_batch=True)
+        if plan is None:
+            return None
+        merged = plan.merge(grid_part)
+        stream = merged if extra is None else torch.cat((merged, extra), dim=1)
+        shared = plan.destinations[:1]
+        kwargs = {
+            **kwargs,
+            "hidden_states": stream,
+            "image_rotary_emb": gather_rope(rope, text.shape[1], shared, grid_part.shape[1], self.cell.extra),
+        }
+        if self.way(module.processor, module.head_dim) == "mask":
+            bias = stream_bias(plan, text.shape[1], self.cell.extra, hidden.dtype)
+            kwargs["attention_mask"] = bias[:, None, None, :]
+        self._pending = plan
         return args, kwargs
 
-
-def _single_tokens_site(engine: Engine, site: SiteInfo, cell: GridCell) -> TokredHook:
-    return FluxSingleBlockSiteHook(engine, site, cell, "tokens", share_batch=True)
-
-
-def _double_attention_site(engine: Engine, site: SiteInfo, cell: GridCell) -> TokredHook:
-    return FluxAttentionSiteHook(engine, site, cell, "tokens", share_batch=True)
+    def hooked_post(self, module: torch.nn.Module, pending: Any, output: Any) -> Any:
+        image, text, *rest = output  # (image, text) or (image, text, ip-adapter output on the image)
+        return (_unmerge_stream(pending, image), text, *(_unmerge_stream(pending, r) for r in rest))
 
 
-def _feed_forward_site(engine: Engine, site: SiteInfo, cell: GridCell) -> TokredHook:
-    return TokenSiteHook(engine, site, cell, "tokens", share_batch=True)
+class FluxSingleBlockSite(ModuleSite):
+    """A whole single block in ``tokens`` mode, on the merged image tokens; only its update is unmerged. Its
+    attention's processor (a :class:`FluxAttentionSite` serving this site) applies the per-sample RoPE."""
+
+    def __init__(self, engine: Engine, site: SiteInfo, cell: GridCell) -> None:
+        super().__init__(engine, site, cell)
+        self.attention = FluxAttentionSite(
+            engine, SiteInfo(f"{site.name}.attn", "attn1", site.family, site.block), cell
+        )
+        self.attention.inner = True
+        cell.slots.remove(self.attention.slot)  # it has no plan of its own
+        self._pending: Any = None
+
+    def register(self, module: torch.nn.Module) -> None:
+        super().register(module)
+        self.attention.register(module.attn)
+
+    def remove(self, module: torch.nn.Module) -> None:
+        self.attention.remove(module.attn)
+        super().remove(module)
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
+        self._pending = None
+        self.attention.outer = None
+        hidden = kwargs.get("hidden_states")
+        text = kwargs.get("encoder_hidden_states")
+        rope = kwargs.get("image_rotary_emb")
+        if args or not isinstance(hidden, Tensor) or not isinstance(text, Tensor) or rope is None:
+            return args, kwargs  # positional calls run unchanged
+        if self.attention.processor is None or self.cell.grid is None:
+            return args, kwargs  # an IP-adapter-style module processor on a single block: not merged here
+        grid_part, extra = self.split(hidden)
+        plan = self.plan(grid_part)
+        if plan is None:
+            return args, kwargs
+        merged = plan.merge(grid_part)
+        stream = merged if extra is None else torch.cat((merged, extra), dim=1)
+        self._pending = (plan, grid_part, merged)
+        self.attention.outer = (plan, text.shape[1])
+        rope = gather_rope(rope, text.shape[1], plan.destinations, grid_part.shape[1], self.cell.extra)
+        return args, {**kwargs, "hidden_states": stream, "image_rotary_emb": rope}
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        pending, self._pending = self._pending, None
+        self.attention.outer = None
+        if pending is None:
+            return output
+        plan, grid_part, merged = pending
+        text_out, image_out = output
+        d = plan.num_destinations
+        out = grid_part + plan.unmerge(image_out[:, :d] - merged)
+        if image_out.shape[1] > d:
+            out = torch.cat((out, image_out[:, d:]), dim=1)
+        if out.dtype == torch.float16:  # as the block does to its own output
+            out = out.clip(-65504, 65504)
+        return text_out, out
+
+
+def _double_attention(engine: Engine, site: SiteInfo, cell: GridCell) -> FluxAttentionSite:
+    return FluxAttentionSite(engine, site, cell, "tokens")
+
+
+def _kv_attention(engine: Engine, site: SiteInfo, cell: GridCell) -> FluxAttentionSite:
+    return FluxAttentionSite(engine, site, cell, "kv")
 
 
 class FluxAdapter(Adapter):
-    """FluxTransformer2DModel (FLUX.1 dev/schnell layout): double and single blocks, image tokens only."""
+    """FluxTransformer2DModel (FLUX.1 dev/schnell layout and its variants): double and single blocks, image tokens."""
 
     label = "Flux"
     model_types = (FluxTransformer2DModel,)
@@ -273,8 +315,8 @@ class FluxAdapter(Adapter):
             container="transformer_blocks",
             types=(FluxTransformerBlock,),
             sites=(
-                SiteRule("attn1", "attn", {"tokens": _double_attention_site, "kv": FluxKVSiteHook}),
-                SiteRule("ff", "ff", {"tokens": _feed_forward_site}),
+                SiteRule("attn1", "attn", {"tokens": _double_attention, "kv": _kv_attention}),
+                SiteRule("ff", "ff", {"tokens": TokenSiteHook}),
             ),
         ),
         BlockPattern(
@@ -282,11 +324,15 @@ class FluxAdapter(Adapter):
             container="single_transformer_blocks",
             types=(FluxSingleTransformerBlock,),
             sites=(
-                SiteRule("attn1", "", {"tokens": _single_tokens_site}),
-                SiteRule("attn1", "attn", {"kv": FluxKVSiteHook}),
+                SiteRule("attn1", "", {"tokens": FluxSingleBlockSite}),
+                SiteRule("attn1", "attn", {"kv": _kv_attention}),
             ),
         ),
     )
 
-    def read_grid(self, args: tuple, kwargs: dict) -> Grid | None:
-        return grid_from_ids(kwargs.get("img_ids", args[4] if len(args) > 4 else None))
+    def read_grid(self, args: tuple, kwargs: dict) -> Any:
+        return grid_from_ids(argument(args, kwargs, 4, "img_ids"))
+
+    def read_features(self, args: tuple, kwargs: dict) -> Tensor | None:
+        hidden = argument(args, kwargs, 0, "hidden_states")
+        return hidden if isinstance(hidden, Tensor) and hidden.dim() == 3 else None

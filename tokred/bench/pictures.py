@@ -24,8 +24,7 @@ def destinations_picture(
 
     with torch.no_grad(), tokred.patched(model, "toma", **({"ratio": ratio} if ratio is not None else {})) as patch:
         call()
-        cached = max(patch.engine._plans.values(), key=lambda entry: entry.plan.num_tokens)
-    plan = cached.plan
+        plan = max(patch.engine.plans, key=lambda plan: plan.num_tokens)
     h, w = plan.grid
     kept = torch.zeros(h * w)
     kept[plan.destinations[0].cpu()] = 1
