@@ -62,17 +62,12 @@ class Patch:
 
     @property
     def active(self) -> bool:
-        """Whether this patch's hooks are in place (False once removed or replaced, and for a ratio-0 patch,
+        """Whether this patch's hooks are all in place (False once removed or replaced, and for a ratio-0 patch,
         which registers nothing)."""
-        from tokred.adapters.hooks import EntryHook, tokred_hooks
+        from tokred.adapters.hooks import tokred_hooks
 
-        for module, _, hook in tokred_hooks(self.model):
-            if getattr(hook, "engine", None) is not self.engine:
-                continue
-            if isinstance(hook, EntryHook) and hook.handle.id not in module._forward_pre_hooks:
-                return False
-            return True
-        return False
+        mine = [(module, hook) for module, _, hook in tokred_hooks(self.model) if hook.engine is self.engine]
+        return bool(mine) and all(hook.in_place(module) for module, hook in mine)
 
     def reset(self) -> None:
         """Zero the statistics and forget the step count and cached plans."""

@@ -211,6 +211,10 @@ class StateHook(ModelHook):
         HookRegistry.check_if_exists_or_initialize(module).register_hook(self, self.name)
         records(module)[self.name] = self
 
+    def in_place(self, module: torch.nn.Module) -> bool:
+        registry = getattr(module, "_diffusers_hook", None)
+        return registry is not None and registry.get_hook(self.name) is self
+
     def remove(self, module: torch.nn.Module) -> None:
         registry = module._diffusers_hook
         registry.remove_hook(self.name, recurse=False)
