@@ -64,14 +64,18 @@ def test_preset_contents():
     assert load_config("toma_stripe", registries=REG).locality.name == "stripes"
 
 
-def test_defaults_are_the_toma_parts():
+def test_defaults_are_the_toma_parts_on_tiles():
     config = load_config(registries=REG)
     assert (config.selector.name, config.merge.name, config.locality.name, config.schedule.name) == (
         "toma",
         "attention",
-        "global",
+        "tiles",  # global locality takes O(d·N²) per plan (38 s at 64x64 here): tiles are the default
         "interval",
     )
+    assert config.locality.size == (8, 8) and config.proportional == "auto"
+    assert tokred.ReductionConfig().proportional == "auto"
+    assert load_config({"proportional": False}, registries=REG).proportional == "off"
+    assert load_config({"proportional": True}, registries=REG).proportional == "auto"
 
 
 def test_make_plan_shapes_and_overrides():

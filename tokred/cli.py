@@ -38,11 +38,11 @@ SHARED_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "out": ("--out", {"default": None, "metavar": "DIR", "help": "result directory (default: {out})"}),
     "quiet": ("--quiet", {"action": "store_true", "help": "no progress bar"}),
     "threads": ("--threads", {"type": int, "default": 0, "help": "torch CPU threads (default: torch's choice)"}),
-    "device": ("--device", {"default": "auto", "help": "cpu, cuda, cuda:N, or auto: cuda when there is one"}),
+    "device": ("--device", {"default": None, "help": "cpu, cuda, cuda:N, or auto: cuda when there is one"}),
     "dtype": (
         "--dtype",
         {
-            "default": "auto",
+            "default": None,
             "choices": ["auto", "fp32", "fp16", "bf16"],
             "help": "model dtype (auto: bf16 on CUDA, fp32 on the CPU)",
         },
@@ -118,22 +118,16 @@ def _tick(bar) -> Callable[[str], None]:  # type: ignore[no-untyped-def]
     return lambda label: (bar.set_postfix_str(label), bar.update(1))  # type: ignore[return-value]
 
 
+def device_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The shared ``--device`` / ``--dtype`` flags given, as config values (they win over the config's)."""
+    return {key: value for key in ("device", "dtype") if (value := getattr(args, key, None)) is not None}
+
+
 def device_and_dtype(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The torch device and dtype the shared ``--device`` / ``--dtype`` flags ask for."""
-    import torch
+    from tokred.jobs.sources import resolve_device
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise TokredError(f"--device: not a device: {args.device!r} (cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TokredError("--device: cuda was asked for, but torch sees no CUDA device here")
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    dtype = names.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, dtype
+    return resolve_device(args.device or "auto", args.dtype or "auto")
 
 
 RESULT_MARKERS = ("record.json", "bench.json", "eval.json", "results.jsonl", "bench_ops.json")
@@ -177,11 +171,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     source, overrides = _split_config(args.config)
     config = load_bench_config(source, overrides)
+    config = config.model_copy(update=device_flags(args))
     out_dir = prepare_out(args.out, run_dir=True)
-    device, dtype = device_and_dtype(args)
     bar = _progress(args, len(config.methods) * (config.repeats + 1), "bench")
     try:
-        report = run_bench(config, out_dir, progress=_tick(bar), device=device, dtype=dtype)
+        report = run_bench(config, out_dir, progress=_tick(bar))
     finally:
         bar.close()
     print(report["text"])
@@ -198,19 +192,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tokred.jobs.config import load_generate_config
     from tokred.jobs.generate import run_generate
 
-    config = load_generate_config(args.config, overrides=args.overrides)
+    config = load_generate_config(args.config, overrides=args.overrides, **device_flags(args))
     sources.describe(config.model)
     sources.validate_options(config.model, config.model_options)
     name = Path(args.config).stem
     out_dir = prepare_out(args.out or f"tokred-out/generate/{name}", run_dir=True)
-    device, dtype = device_and_dtype(args)
+    sources.resolve_device(config.device, config.dtype)  # a device that is not here is an error before any work
     images = len(config.prompt) if isinstance(config.prompt, list) else 1
     reduction = config.reduction  # type: ignore[attr-defined]
     print(
         f"generating {images} image(s) with {config.model}, {config.steps} steps, {name} (ratio {reduction.ratio})",
         file=sys.stderr,
     )
-    record = run_generate(config, out_dir, device=device, dtype=dtype)
+    record = run_generate(config, out_dir)
     total = (record.get("stats") or {}).get("total", {})
     print(
         f"{out_dir}: {record['seconds']:.2f} s generating, tokens kept "

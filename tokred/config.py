@@ -52,7 +52,7 @@ PART_FIELDS: dict[str, str] = {
 DEFAULT_PART_NAMES: dict[str, str] = {
     "selector": "toma",
     "merge": "attention",
-    "locality": "global",
+    "locality": "tiles",
     "schedule": "interval",
 }
 

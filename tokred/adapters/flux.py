@@ -138,7 +138,10 @@ class FluxAttentionSite(AttentionSite):
         def unchanged() -> Any:
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
 
-        if kwargs or attention_mask is not None or image_rotary_emb is None or self.cell.grid is None:
+        if kwargs or attention_mask is not None or image_rotary_emb is None:
+            return unchanged()
+        if self.cell.grid is None and not self.inner:
+            self.plan(hidden_states)  # counted as skipped: the image tokens are no grid
             return unchanged()
         if self.inner:
             if self.outer is None:
@@ -266,7 +269,7 @@ class FluxSingleBlockSite(ModuleSite):
         rope = kwargs.get("image_rotary_emb")
         if args or not isinstance(hidden, Tensor) or not isinstance(text, Tensor) or rope is None:
             return args, kwargs  # positional calls run unchanged
-        if self.attention.processor is None or self.cell.grid is None:
+        if self.attention.processor is None:
             return args, kwargs  # an IP-adapter-style module processor on a single block: not merged here
         grid_part, extra = self.split(hidden)
         plan = self.plan(grid_part)

@@ -96,6 +96,7 @@ class EntryHook:
     """A torch forward pre-hook that reads a call's inputs (never changes them)."""
 
     role = "entry"
+    first = False  # run before the module's other pre-hooks (the step must be known before plans are prepared)
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -108,7 +109,7 @@ class EntryHook:
     def register(self, module: torch.nn.Module) -> None:
         if self.name in records(module):
             raise ValueError(f"{type(module).__name__} already has a {self.name} hook")
-        self.handle = module.register_forward_pre_hook(self._call, with_kwargs=True)
+        self.handle = module.register_forward_pre_hook(self._call, with_kwargs=True, prepend=self.first)
         records(module)[self.name] = self
 
     def remove(self, module: torch.nn.Module) -> None:
@@ -129,6 +130,7 @@ class StepHook(EntryHook):
     """On the denoiser: tells the engine that the model is called, with which timestep."""
 
     role = "step"
+    first = True
 
     def __init__(self, engine: Engine, timestep_index: int = 1, timestep_name: str = "timestep") -> None:
         super().__init__(engine)

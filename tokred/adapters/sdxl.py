@@ -24,7 +24,7 @@ from torch import Tensor
 
 from tokred.adapters.attention import AttentionSite, attend
 from tokred.adapters.base import Adapter, BlockPattern, Grid, Scope, SiteRule
-from tokred.adapters.hooks import TokenSiteHook
+from tokred.adapters.hooks import TokenSiteHook, argument, replace_argument
 from tokred.plan import MergePlan
 
 
@@ -96,6 +96,22 @@ class UNetAttentionSite(AttentionSite):
             keys = merged if self.mode == "kv" else None
             out = original(attn, queries, keys, mask, **kwargs)
         return out if self.mode == "kv" else plan.unmerge(out)
+
+    # a processor that is a module (the IP-adapter's, on attn2) stays in place: merge its queries from outside
+    def hooked_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hidden = argument(args, kwargs, 0, "hidden_states")
+        if self.site.kind != "attn2" or self.mode != "tokens" or not isinstance(hidden, Tensor) or hidden.dim() != 3:
+            return None
+        if argument(args, kwargs, 1, "encoder_hidden_states") is None or kwargs.get("ip_adapter_masks") is not None:
+            return None
+        plan = self.plan(hidden)
+        if plan is None:
+            return None
+        self._pending = plan
+        return replace_argument(args, kwargs, 0, "hidden_states", plan.merge(hidden))
+
+    def hooked_post(self, module: torch.nn.Module, pending: Any, output: Any) -> Any:
+        return pending.unmerge(output)
 
     def attention(self, attn: torch.nn.Module, queries: Tensor, keys: Tensor, plan: MergePlan) -> Tensor:
         """``AttnProcessor2_0``'s self-attention, with merged keys weighed by their sizes."""

@@ -12,7 +12,7 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +52,10 @@ class BenchConfig(BaseModel):
     text_tokens: int = Field(77, ge=1, description="text tokens of the conditioning")
     repeats: int = Field(2, ge=1, description="interleaved timed rounds (medians are reported)")
     seed: int = 0
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="model dtype: auto is bf16 on CUDA, fp32 on the CPU"
+    )
 
 
 def load_bench_config(source: str | None, overrides: list[str]) -> BenchConfig:
@@ -137,20 +141,13 @@ def methods_for(config: BenchConfig, model: torch.nn.Module) -> tuple[list[Metho
     return methods, notes
 
 
-def run_bench(
-    config: BenchConfig,
-    out_dir: Path,
-    progress: Callable[[str], object] | None = None,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, Any]:
+def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], object] | None = None) -> dict[str, Any]:
     """Run the comparison and write bench.json, bench.csv, bench.txt and the two PNGs into ``out_dir``.
 
     Results are written to a sibling ``.partial`` directory first and moved into place at the end, so an
     interrupted run never leaves a result that looks complete.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype = sources.resolve_device(config.device, config.dtype)
     model = sources.load_denoiser(config.model, model_options(config), seed=config.seed).to(device, dtype)
     call, latent = denoiser_call(model, config)
     methods, notes = methods_for(config, model)

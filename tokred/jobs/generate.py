@@ -29,10 +29,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def prompts_of(config: GenerateSettings) -> list[str]:
     return [config.prompt] if isinstance(config.prompt, str) else list(config.prompt)
 
@@ -104,19 +100,12 @@ def write_run(out_dir: Path, config: GenerateSettings, images: list[Any], record
     return publish_dir(out_dir, write)
 
 
-def run_generate(
-    config: GenerateSettings,
-    out_dir: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> dict[str, Any]:
+def run_generate(config: GenerateSettings, out_dir: Path) -> dict[str, Any]:
+    device, dtype = sources.resolve_device(config.device, config.dtype)
     load_start = time.perf_counter()
-    pipe = sources.load_pipeline(config.model, config.model_options, seed=0).to(device or default_device())
-    if dtype is not None:
-        pipe = pipe.to(dtype=dtype)
+    pipe = sources.load_pipeline(config.model, config.model_options, seed=0, dtype=dtype).to(device)
     load_seconds = time.perf_counter() - load_start
     images, record = generate_with(pipe, config)
-    record = {**record, "load_seconds": load_seconds}
+    record = {**record, "load_seconds": load_seconds, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     write_run(out_dir, config, images, record)
     return record

@@ -172,8 +172,30 @@ def _random_flux_pipeline(options: RandomFluxOptions, seed: int):  # type: ignor
     )
 
 
-def load_pipeline(name: str, options: dict[str, Any] | None = None, *, seed: int = 0):  # type: ignore[no-untyped-def]
-    """The pipeline of a model source (random weights seeded with ``seed`` for built-ins)."""
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """``auto`` device: CUDA when there is one, else the CPU; ``auto`` dtype: bf16 on CUDA, fp32 on the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise TokredError(f"device: not a device: {device!r} (cpu, cuda, cuda:N or auto)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise TokredError("device: cuda was asked for, but torch sees no CUDA device here")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise TokredError(f"dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    chosen = DTYPES.get(dtype) or (torch.bfloat16 if resolved.type == "cuda" else torch.float32)
+    return resolved, chosen
+
+
+def load_pipeline(  # type: ignore[no-untyped-def]
+    name: str, options: dict[str, Any] | None = None, *, seed: int = 0, dtype: torch.dtype | None = None
+):
+    """The pipeline of a model source (random weights seeded with ``seed`` for built-ins), in ``dtype`` when given:
+    local and hub pipelines load their weights in it directly."""
     kind = describe(name)
     validated = validate_options(name, dict(options or {}))
     if kind == "builtin":
@@ -186,11 +208,13 @@ def load_pipeline(name: str, options: dict[str, Any] | None = None, *, seed: int
             "random:flux": lambda: _random_flux_pipeline(validated, seed),  # type: ignore[arg-type]
         }
         pipe = builders[name]()
+        if dtype is not None:
+            pipe = pipe.to(dtype=dtype)
     else:
         from diffusers import DiffusionPipeline
 
         try:
-            pipe = DiffusionPipeline.from_pretrained(name)
+            pipe = DiffusionPipeline.from_pretrained(name, **({"torch_dtype": dtype} if dtype is not None else {}))
         except Exception as exc:  # offline, missing files, not a pipeline: say which and why
             where = "the local directory" if kind == "local" else "the hub"
             raise TokredError(f"could not load {name!r} from {where}: {type(exc).__name__}: {exc}") from None

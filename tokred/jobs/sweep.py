@@ -153,7 +153,8 @@ def run_sweep(
     todo = [item for item in mine if item["id"] not in done]
     if todo:
         first = item_config(config, todo[0])
-        pipe = sources.load_pipeline(first.model, first.model_options, seed=0).to(dist.device)  # once per rank
+        _, dtype = sources.resolve_device("cpu" if str(dist.device) == "cpu" else "auto", first.dtype)
+        pipe = sources.load_pipeline(first.model, first.model_options, seed=0, dtype=dtype).to(dist.device)
         for index, item in enumerate(todo):
             run_config = item_config(config, item)
             images, record = generate_with(pipe, run_config)
