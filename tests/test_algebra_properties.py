@@ -24,7 +24,12 @@ from hypothesis_tokens import (
 from tokred import make_plan
 from tokred.plugins import default_registries
 from tokred.strategies.base import GroupLayout, destination_counts
-from tokred.strategies.facility_location import facility_location_objective, greedy_facility_location
+from tokred.strategies.facility_location import (
+    facility_location_objective,
+    greedy_facility_location,
+    nonnegative_similarity,
+    stochastic_greedy_facility_location,
+)
 from tokred.strategies.localities import stripe_layout, tile_layout
 
 REG = default_registries()
@@ -161,6 +166,47 @@ def test_greedy_is_within_one_minus_one_over_e_of_brute_force(n, count, seed):
     )
     assert greedy >= (1 - 1 / math.e) * best - 1e-5
     assert greedy <= best + 1e-5
+
+
+@given(st.integers(1, 30), st.integers(1, 4), st.integers(1, 8), seeds, st.floats(0.01, 0.9))
+def test_stochastic_greedy_picks_distinct_valid_slots(n, groups, count, seed, epsilon):
+    count = min(count, n)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(2, groups, n, 5, generator=gen), dim=-1)
+    valid = torch.rand(groups, n, generator=gen) < 0.8
+    valid[:, :count] = True  # at least count valid slots in every group
+    s = nonnegative_similarity(x @ x.transpose(-1, -2), valid)
+    indices, gains = stochastic_greedy_facility_location(s, valid, count, epsilon, gen)
+    assert indices.shape == (2, groups, count)
+    assert all(len(set(row.tolist())) == count for row in indices.flatten(0, 1))
+    assert valid.unsqueeze(0).expand(2, -1, -1).gather(-1, indices).all()
+    torch.testing.assert_close(facility_location_objective(s, indices), gains.sum(-1), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "count"), [(7, 2), (8, 3), (9, 2)])
+def test_stochastic_greedy_is_within_one_minus_one_over_e_minus_epsilon_in_expectation(n, count):
+    epsilon = 0.1
+    for case in range(5):
+        x = torch.nn.functional.normalize(
+            torch.randn(1, 1, n, 3, generator=torch.Generator().manual_seed(case)), dim=-1
+        )
+        s = (x @ x.transpose(-1, -2) + 1) / 2
+        best = max(
+            float(facility_location_objective(s, torch.tensor(subset).view(1, 1, -1)))
+            for subset in itertools.combinations(range(n), count)
+        )
+        draws = [
+            float(
+                facility_location_objective(
+                    s,
+                    stochastic_greedy_facility_location(
+                        s, torch.ones(1, n, dtype=torch.bool), count, epsilon, torch.Generator().manual_seed(seed)
+                    )[0],
+                )
+            )
+            for seed in range(40)
+        ]
+        assert sum(draws) / len(draws) >= (1 - 1 / math.e - epsilon) * best - 1e-5
 
 
 @given(grids, st.data())

@@ -198,7 +198,7 @@ def test_config_show_prints_the_reduction_only_and_a_job_on_request(capsys):
     code, out, err = run_cli(capsys, "config", "show", "toma")
     assert code == 0, err
     data = yaml.safe_load(out)
-    assert data["ratio"] == 0.5 and data["selector"] == {"name": "toma"}
+    assert data["ratio"] == 0.5 and data["selector"]["name"] == "toma" and data["locality"]["name"] == "tiles"
     assert not {"prompt", "model", "steps", "seed"} & set(data)
     code, out, err = run_cli(capsys, "config", "show", "--job", "generate", "toma", "steps=2", "ratio=0.3")
     assert code == 0, err

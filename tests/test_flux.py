@@ -225,18 +225,20 @@ def test_no_warning_spam(pipe, caplog):
     assert not [r for r in caplog.records if "joint_attention_kwargs" in r.getMessage()]
 
 
-def test_torch_compile_sees_no_graph_break_inside_a_site():
+def test_whole_model_compile_breaks_only_at_entry_hooks():
     import torch._dynamo as dynamo
 
     model = flux_transformer(TINY_FLUX_CONFIG)
     inputs = transformer_inputs(model)
     for mode in ("tokens", "kv"):
-        with torch.no_grad(), tokred.patched(model, "toma", mode=mode):
+        with torch.no_grad(), tokred.patched(model, "toma", mode=mode) as patch:
             model(**inputs)
+            merged = patch.stats.total.merged_calls
             dynamo.reset()
             explanation = dynamo.explain(model)(**inputs)
+            assert patch.stats.total.merged_calls > merged  # the compiled call merged too
         dynamo.reset()
         stacks = [[f"{f.filename}:{f.name}" for f in r.user_stack] for r in explanation.break_reasons]
-        for stack in stacks:  # only the entry hooks (timestep, img_ids) read values
-            assert any("begin_model_call" in f or "grid_from_ids" in f for f in stack), stack
-            assert not any("plan.py" in f or "plan_for" in f or "flux.py:__call__" in f for f in stack), stack
+        for stack in stacks:  # only the entry hooks (timestep, img_ids) read values (none at all with torch 2.13)
+            assert stack[-1].endswith("hooks.py:_call"), stack
+            assert not any("plan.py" in f or "flux.py" in f or "attention.py" in f for f in stack), stack

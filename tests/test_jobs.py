@@ -459,3 +459,44 @@ def test_published_result_directories_are_ordinary_directories(tmp_path):
         publish_dir(out, lambda partial: (_ for _ in ()).throw(RuntimeError("boom")))
     assert (out / "a.txt").read_text() == "x"  # a failed write leaves the earlier result alone
     assert [p.name for p in tmp_path.iterdir()] == ["result"]
+
+
+def test_bench_methods_take_their_own_settings_in_brackets(capsys, tmp_path):
+    out = tmp_path / "bench"
+    code, _, err = run_cli(
+        capsys,
+        "bench",
+        "model=tiny:flux",
+        "height=128",
+        "width=128",
+        "repeats=1",
+        "methods=[baseline,'toma[proportional=mask]','toma[proportional=off,ratio=0.25]',toma]",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    rows = {row["name"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
+    assert list(rows) == ["baseline", "toma[proportional=mask]", "toma[proportional=off,ratio=0.25]", "toma"]
+    assert rows["toma[proportional=off,ratio=0.25]"]["tokens_kept"] == pytest.approx(0.75, abs=0.02)
+    assert rows["toma"]["tokens_kept"] == pytest.approx(0.5, abs=0.02)
+    # the same math: mask and fold (auto) agree to rounding; off differs
+    assert rows["toma[proportional=mask]"]["deviation"] == pytest.approx(rows["toma"]["deviation"], rel=1e-3)
+    for argv, fragment in (
+        (["methods=[baseline,'toma[proportional=maybe]']"], "proportional"),
+        (["methods=[baseline,'tomesd[ratio=0.2]']"], "tomesd takes no settings"),
+        (["methods=[baseline,toma,toma]"], "each method at most once"),
+    ):
+        code, _, err = run_cli(capsys, "bench", "model=tiny:sdxl", *argv, "--out", str(tmp_path / "x"))
+        assert code == 2 and fragment in err, err
+
+
+def test_the_gpu_check_configs_validate():
+    from tokred.bench.job import load_bench_config, parse_method
+    from tokred.config import load_config
+
+    for family, preset in (("sdxl", "toma"), ("flux", "toma_flux")):
+        config = load_bench_config(str(REPO / "scripts" / "gpu" / f"{family}.yaml"), [])
+        assert config.device == "cuda" and config.dtype == "bf16" and config.methods[0] == "baseline"
+        methods = [parse_method(m) for m in config.methods]
+        ways = {load_config(name, **own).proportional for name, own in methods if name == preset}
+        assert ways == {"auto", "mask", "off"}

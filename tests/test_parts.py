@@ -338,3 +338,18 @@ def test_sizes_are_counted_when_a_merge_op_gives_none():
         counted = build_plan(x, (6, 5), merge_op=NoSizes(inner), ratio=0.5, **parts)
         given = build_plan(x, (6, 5), merge_op=inner, ratio=0.5, **parts)
         torch.testing.assert_close(counted.sizes, given.sizes)
+
+
+def test_toma_switches_to_stochastic_greedy_for_large_groups(monkeypatch):
+    from tokred.strategies import selectors
+
+    x = smooth_tokens((8, 8), 1, 4, 0)
+    exact = tokred.make_plan(x, (8, 8), "toma", locality="global", selector={"name": "toma", "greedy": "exact"})
+    monkeypatch.setattr(selectors, "EXACT_UP_TO", 16)  # so that a 64-token group counts as large
+    auto = tokred.make_plan(x, (8, 8), "toma", locality="global")
+    stochastic = tokred.make_plan(
+        x, (8, 8), "toma", locality="global", selector={"name": "toma", "greedy": "stochastic"}
+    )
+    assert torch.equal(auto.destinations, stochastic.destinations)
+    assert not torch.equal(auto.destinations, exact.destinations)
+    assert auto.destinations.unique().numel() == auto.num_destinations == exact.num_destinations

@@ -240,14 +240,14 @@ def test_whole_model_compile_breaks_only_at_entry_hooks():
 
     unet = unet_from_config(TINY_SDXL_UNET_CONFIG)
     sample, t, ehs, kwargs = unet_inputs(unet)
-    with torch.no_grad(), tokred.patched(unet, "toma", sites=["attn1", "attn2", "ff"]):
+    with torch.no_grad(), tokred.patched(unet, "toma", sites=["attn1", "attn2", "ff"]) as patch:
         dynamo.reset()
         explanation = dynamo.explain(unet)(sample, t, ehs, **kwargs)
+        assert patch.stats.total.merged_calls > 0 and explanation.graph_count >= 1
     dynamo.reset()
     where = [[f"{frame.filename}:{frame.name}" for frame in reason.user_stack] for reason in explanation.break_reasons]
-    assert where
-    for stack in where:
-        assert stack[-1].endswith("hooks.py:read"), stack
+    for stack in where:  # none at all with torch 2.13: entry hooks run their work outside the graph
+        assert stack[-1].endswith("hooks.py:_call"), stack
         assert not any("attention.py" in frame or "sdxl.py" in frame or "plan.py" in frame for frame in stack)
 
 

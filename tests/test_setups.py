@@ -521,3 +521,53 @@ def test_ratio_zero_registers_nothing_so_faster_cache_runs_as_without_tokred():
         assert np.array_equal(generate(pipe, steps=6), cached) and not patch.active
         assert {name for name, m in pipe.transformer.named_modules() if hasattr(m, "_diffusers_hook")} == registries
     pipe.transformer.disable_cache()
+
+
+# --- 11. no read back from the device on a step that reuses plans ------------------------------------------------
+
+#: tensor methods that read values back to the host (on a GPU, each waits for the device)
+READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"})
+
+
+def _syncs(fn) -> int:
+    """How many times ``fn`` reads tensor values back to the host (counted by a torch function mode)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        reads = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in READS:
+                Count.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.reads
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_patched_pipeline_adds_no_device_read_back(family):
+    """The same pipeline run, unpatched and patched (plans built at steps 0 and 3, reused between): tokred adds no
+    item / _local_scalar_dense / nonzero, neither when building plans nor when applying them (Flux reads its ids'
+    grid once per image, in one read)."""
+    pipe = (tiny_sdxl_pipeline if family == "sdxl" else tiny_flux_pipeline)()
+    run = lambda: generate(pipe, steps=6)  # noqa: E731
+    run()
+    plain = _syncs(run)
+    with tokred.patched(pipe, "toma", schedule={"name": "interval", "every": 3}, sites=["attn1", "ff"]) as patch:
+        run()
+        patched = _syncs(run)
+        assert patch.stats.total.plan_reuses > 0 and patch.stats.total.plan_builds > 0
+    assert patched - plain == (0 if family == "sdxl" else 1), (plain, patched)
+
+
+def test_a_bare_model_reads_only_the_timestep_when_plans_are_reused():
+    unet = unet_from_config(TINY_SDXL_UNET_CONFIG)
+    sample, ehs, kwargs = unet_inputs(unet)
+    with torch.no_grad(), tokred.patched(unet, "toma", schedule={"name": "interval", "every": 3}):
+        unet(sample, torch.tensor(900), ehs, **kwargs)
+        plain_call = _syncs(lambda: unet(sample, torch.tensor(800), ehs, **kwargs))
+    with torch.no_grad():
+        unpatched = _syncs(lambda: unet(sample, torch.tensor(800), ehs, **kwargs))
+    assert plain_call - unpatched == 1  # the timestep, read once per call

@@ -139,7 +139,7 @@ def apply(
         >>> patch.stats.total.plan_reuses
         >>> tokred.remove(pipe)
     """
-    from tokred.adapters.hooks import invalidate_registry_caches
+    from tokred.adapters.hooks import StepHook, invalidate_registry_caches, tokred_hooks
 
     registries = _registries(registries)
     model = find_denoiser(target)
@@ -163,6 +163,9 @@ def apply(
         raise
     scheduler = _watch_runs(target, engine)
     engine.runs_watched = scheduler is not None
+    for _, _, hook in tokred_hooks(model):
+        if isinstance(hook, StepHook) and hook.engine is engine:
+            hook.scheduler = scheduler
     return Patch(model, adapter_name, engine, sites, scheduler)
 
 

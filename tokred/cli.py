@@ -173,7 +173,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = load_bench_config(source, overrides)
     config = config.model_copy(update=device_flags(args))
     out_dir = prepare_out(args.out, run_dir=True)
-    bar = _progress(args, len(config.methods) * (config.repeats + 1), "bench")
+    from tokred.jobs.sources import resolve_device
+
+    warmup = config.warmup if config.warmup is not None else 2 * (resolve_device(config.device)[0].type == "cuda")
+    bar = _progress(args, len(config.methods) * (config.repeats + warmup + 1), "bench")
     try:
         report = run_bench(config, out_dir, progress=_tick(bar))
     finally:

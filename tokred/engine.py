@@ -117,6 +117,7 @@ class Engine:
         self.runs_watched = False
         self._last_timestep: float | None = None
         self._last_branch: str | None = None
+        self._last_index: int | None = None
         self._plans: dict[object, _CachedPlan] = {}
         self._run_ended = False
         self._warned_repeat = False
@@ -133,15 +134,28 @@ class Engine:
         return self.reduction.config.proportional
 
     @torch.compiler.disable
-    def begin_model_call(self, timestep: Tensor | float | int | None) -> None:
-        """Called by the adapter before each forward of the model."""
+    def begin_model_call(self, timestep: Tensor | float | int | None, step_index: int | None = None) -> None:
+        """Called by the adapter before each forward of the model.
+
+        ``step_index`` is the pipeline scheduler's own count when there is one (read without touching a tensor);
+        otherwise the step is worked out from the timestep (one read back from the device on a GPU).
+        """
         branch = self.branch_source()
         self.stats.model_calls += 1
         if self._run_ended:
             self._run_ended = False
             self.step = 0
             self._last_timestep = None
+            self._last_index = None
             self._plans.clear()
+        if step_index is not None:
+            if self._last_index is None or step_index != self._last_index:
+                self.stats.steps += 1
+            if self._last_index is not None and step_index < self._last_index:
+                self._plans.clear()  # the scheduler started over without set_timesteps
+            self.step = step_index
+            self._last_index = step_index
+            return
         if timestep is None:
             return
         value = float(timestep.reshape(-1)[0]) if isinstance(timestep, Tensor) else float(timestep)
@@ -182,6 +196,7 @@ class Engine:
         self.step = 0
         self._last_timestep = None
         self._last_branch = None
+        self._last_index = None
         self._plans.clear()
         self._run_ended = False
         self.stats.reset()

@@ -19,9 +19,10 @@ from tokred.strategies.base import (
     GroupMaps,
     Locality,
     MergeOp,
+    Quota,
     SelectionContext,
     Selector,
-    destination_counts,
+    one_hot,
     take_rows,
 )
 
@@ -173,37 +174,39 @@ def build_plan(
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must satisfy 0 <= ratio < 1, got {ratio}")
     layout = locality.partition(grid)
-    kept = destination_counts(layout.counts, ratio)
-    if identity_shortcut and bool((kept == layout.counts).all()):
+    quota = Quota.of(layout, ratio)  # on the CPU: building the plan reads nothing back from the device
+    if identity_shortcut and quota.keeps_all:
         return identity_plan(grid, batch, tokens.device)
     layout = layout.to(tokens.device)
-    kept = kept.to(tokens.device)
+    quota = quota.to(tokens.device)
     features = group_tokens(tokens, layout)
     if share_batch and batch > 1:
         pooled = F.normalize(features, dim=-1).mean(0, keepdim=True)
-        pooled_ctx = SelectionContext(pooled, layout, kept, generator, salt=salt)
+        pooled_ctx = SelectionContext(pooled, layout, quota, generator, salt=salt)
         destinations = selector.select(pooled_ctx).expand(batch, -1, -1)
     else:
         destinations = None
-    ctx = SelectionContext(features, layout, kept, generator, salt=salt)
+    ctx = SelectionContext(features, layout, quota, generator, salt=salt)
     if destinations is None:
         destinations = selector.select(ctx)
     expected = (batch, layout.num_groups, ctx.max_destinations)
     if tuple(destinations.shape) != expected:
         raise ValueError(f"{type(selector).__name__}.select returned shape {tuple(destinations.shape)}, not {expected}")
     maps = merge_op.maps(ctx, destinations)
-    return _assemble(grid, layout, ctx, destinations, maps)
+    return _assemble(grid, layout, ctx, destinations, maps, quota)
 
 
 def _assemble(
-    grid: tuple[int, int], layout: GroupLayout, ctx: SelectionContext, destinations: Tensor, maps: GroupMaps
+    grid: tuple[int, int],
+    layout: GroupLayout,
+    ctx: SelectionContext,
+    destinations: Tensor,
+    maps: GroupMaps,
+    quota: Quota,
 ) -> MergePlan:
     batch = destinations.shape[0]
     d = ctx.max_destinations
-    used = ctx.destination_valid.flatten()  # (G·d,)
-    ragged = not bool(used.all())
-    dest_slots = used.nonzero().squeeze(-1) if ragged else None
-    slot_dest = (torch.cumsum(used, 0) - 1).clamp_min(0) if ragged else None
+    dest_slots, slot_dest = quota.used_slots, quota.slot_destination
     token_of_slot = layout.index.unsqueeze(0).expand(batch, -1, -1).gather(2, destinations).flatten(1)
     global_destinations = token_of_slot if dest_slots is None else token_of_slot.index_select(1, dest_slots)
     unmerge_index = None
@@ -217,7 +220,7 @@ def _assemble(
     elif maps.unmerge is not None:  # a destination stands for the unmerge mass it hands out
         group_sizes = maps.unmerge.to(torch.float32).sum(-2)
     else:
-        group_sizes = torch.nn.functional.one_hot(maps.assignment, d).to(torch.float32)
+        group_sizes = one_hot(maps.assignment, d)
         group_sizes = (group_sizes * layout.valid.unsqueeze(-1)).sum(-2)
     sizes = group_sizes.flatten(1)
     sizes = sizes if dest_slots is None else sizes.index_select(1, dest_slots)

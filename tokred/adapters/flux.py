@@ -22,6 +22,7 @@ takes one.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -45,20 +46,26 @@ Rope = tuple[Tensor, Tensor]
 
 def grid_from_ids(img_ids: Tensor | None) -> tuple[Grid, int] | None:
     """((h, w), extra) when the leading rows of ``img_ids`` are (0, row, col) of a full row-major grid; ``extra``
-    rows may follow with another first id (a reference image). None otherwise (no merging)."""
+    rows may follow with another first id (a reference image). None otherwise (no merging).
+
+    Everything is worked out on the ids' device and read back at once: one read, however the check goes.
+    """
     if not isinstance(img_ids, Tensor):
         return None
     ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+    n = ids.shape[0]
+    position = torch.arange(n, device=ids.device)
     first = ids[:, 0] == 0  # the image being generated; a reference image (Kontext) has first id 1
-    count = int(first.sum())
-    if not bool(first[:count].all()):
-        return None  # the grid's rows are not all in front
-    rows, cols = ids[:count, 1].round().long(), ids[:count, 2].round().long()
-    rows, cols = rows - rows.min(), cols - cols.min()
-    h, w = int(rows.max()) + 1, int(cols.max()) + 1
-    if h * w != count or not bool((rows * w + cols == torch.arange(count, device=ids.device)).all()):
-        return None
-    return (h, w), ids.shape[0] - count
+    count = first.sum()
+    in_grid = position < count
+    rows, cols = ids[:, 1].round().long(), ids[:, 2].round().long()
+    rows = torch.where(in_grid, rows, rows.new_zeros(())) - torch.where(in_grid, rows, rows.max()).min()
+    cols = torch.where(in_grid, cols, cols.new_zeros(())) - torch.where(in_grid, cols, cols.max()).min()
+    h, w = rows.max() + 1, cols.max() + 1
+    row_major = torch.where(in_grid, rows * w + cols == position, True).all()
+    leading = (first == in_grid).all()
+    count, h, w, ok = torch.stack((count, h, w, (row_major & leading & (h * w == count)).long())).tolist()
+    return ((h, w), n - count) if ok and count > 0 else None
 
 
 def stream_positions(text_len: int, destinations: Tensor, grid_tokens: int, extra: int) -> Tensor:
@@ -333,8 +340,24 @@ class FluxAdapter(Adapter):
         ),
     )
 
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self._grids: list[tuple[weakref.ref, int, Any]] = []
+
     def read_grid(self, args: tuple, kwargs: dict) -> Any:
-        return grid_from_ids(argument(args, kwargs, 4, "img_ids"))
+        """The grid of ``img_ids``, read once per ids tensor (and its in-place version): pipelines pass the same
+        tensor at every step, so later steps read nothing back from the device."""
+        ids = argument(args, kwargs, 4, "img_ids")
+        if not isinstance(ids, Tensor):
+            return None
+        for ref, version, grid in self._grids:
+            if ref() is ids and version == ids._version:
+                return grid
+        grid = grid_from_ids(ids)
+        self._grids = [entry for entry in self._grids[-3:] if entry[0]() is not None] + [
+            (weakref.ref(ids), ids._version, grid)
+        ]
+        return grid
 
     def read_features(self, args: tuple, kwargs: dict) -> Tensor | None:
         hidden = argument(args, kwargs, 0, "hidden_states")

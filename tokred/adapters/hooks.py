@@ -120,10 +120,17 @@ class EntryHook:
         return self.handle is not None and self.handle.id in module._forward_pre_hooks
 
     def _call(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.read(args, kwargs, torch.compiler.is_compiling())
+        _read(self, args, kwargs, torch.compiler.is_compiling())
 
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool) -> None:
         raise NotImplementedError
+
+
+@torch.compiler.disable
+def _read(hook: EntryHook, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool) -> None:
+    """An entry hook's work, never traced: under a whole-model ``torch.compile`` it is the one graph break of
+    each entry hook (its Python decisions and reads stay out of the graph)."""
+    hook.read(args, kwargs, traced)
 
 
 class StepHook(EntryHook):
@@ -135,9 +142,23 @@ class StepHook(EntryHook):
     def __init__(self, engine: Engine, timestep_index: int = 1, timestep_name: str = "timestep") -> None:
         super().__init__(engine)
         self.timestep_index, self.timestep_name = timestep_index, timestep_name
+        #: the pipeline's scheduler, when tokred was applied to a pipeline: its step count is read instead of
+        #: the timestep tensor (no read back from the device)
+        self.scheduler: Any = None
 
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool) -> None:
-        self.engine.begin_model_call(argument(args, kwargs, self.timestep_index, self.timestep_name))
+        self.engine.begin_model_call(
+            argument(args, kwargs, self.timestep_index, self.timestep_name), scheduler_step(self.scheduler)
+        )
+
+
+def scheduler_step(scheduler: Any) -> int | None:
+    """The step a diffusers scheduler is at (from its begin index), or None when it does not count steps."""
+    if scheduler is None or not hasattr(scheduler, "step_index"):
+        return None
+    index = scheduler.step_index
+    begin = getattr(scheduler, "begin_index", None) or 0
+    return 0 if index is None else max(0, int(index) - int(begin))
 
 
 #: reads (grid, extra tokens after the grid) from a scope call's (args, kwargs); None: no grid

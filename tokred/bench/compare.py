@@ -59,6 +59,7 @@ class Row:
     flop_speedup: float = 1.0
     plan_seconds: float = 0.0  # time building plans in one call, from the first timed round (tokred only)
     tokens_kept: float = 1.0  # tokens_out / tokens_in over merged calls (tokred only)
+    peak_memory: float | None = None  # GiB allocated at most during one call (CUDA only)
     times: list[float] = field(default_factory=list)
 
     @property
@@ -82,6 +83,7 @@ class Row:
             "plan_seconds": self.plan_seconds,
             "plan_share": self.plan_share,
             "tokens_kept": self.tokens_kept,
+            "peak_memory": self.peak_memory,
             "times": self.times,
         }
 
@@ -96,9 +98,24 @@ def _output_tensor(output: Any) -> Tensor:
     raise TypeError(f"cannot find a tensor in a {type(output).__name__}")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Clock:
+    """Seconds of one call: CUDA events on a GPU (after everything queued before is done), the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
 
 
 def compare(
@@ -107,21 +124,34 @@ def compare(
     methods: Sequence[Method],
     *,
     repeats: int = 3,
+    warmup: int = 0,
     progress: Callable[[str], object] | None = None,
 ) -> list[Row]:
-    """Compare ``methods`` (the first must be the baseline) on ``call()``; medians over ``repeats`` rounds."""
+    """Compare ``methods`` (the first must be the baseline) on ``call()``; medians over ``repeats`` rounds.
+
+    A first untimed round records each method's output, FLOPs and (on CUDA) peak memory; ``warmup`` more untimed
+    rounds follow; then the timed rounds run interleaved (A B C A B C ...).
+    """
     if not methods or methods[0].kind != "baseline":
         raise ValueError("the first method must be the baseline")
     device = next(model.parameters()).device
+    clock = Clock(device)
     outputs: dict[str, Tensor] = {}
     flops: dict[str, int] = {}
     kept: dict[str, float] = {}
+    peaks: dict[str, float] = {}
     plan_seconds: dict[str, float] = {}
-    for method in methods:  # untimed: outputs, FLOPs, and warm-up
+    for method in methods:  # untimed: outputs, FLOPs, peak memory
         handle = method.attach(model)
         try:
             with torch.no_grad():
                 result, flops[method.name] = count_flops(call)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
+                    result = call()
+                    torch.cuda.synchronize()
+                    peaks[method.name] = torch.cuda.max_memory_allocated(device) / 2**30
             outputs[method.name] = _output_tensor(result).float()
             if handle is not None:
                 kept[method.name] = handle.stats.total.kept_fraction
@@ -130,23 +160,24 @@ def compare(
         if progress is not None:
             progress(f"{method.name}: outputs and FLOPs")
     times: dict[str, list[float]] = {m.name: [] for m in methods}
-    for round_index in range(repeats):
+    for round_index in range(warmup + repeats):
+        timed = round_index >= warmup
         for method in methods:
-            # plan-building time is taken in the first round only: timing it synchronises CUDA around builds
-            handle = method.attach(model, time_plans=round_index == 0)
+            # plan-building time is taken in the first timed round only: timing it synchronises CUDA around builds
+            first = round_index == warmup
+            handle = method.attach(model, time_plans=first)
             try:
-                _sync(device)
-                start = time.perf_counter()
                 with torch.no_grad():
-                    call()
-                _sync(device)
-                times[method.name].append(time.perf_counter() - start)
-                if handle is not None and round_index == 0:
+                    seconds = clock.time(call)
+                if timed:
+                    times[method.name].append(seconds)
+                if handle is not None and first:
                     plan_seconds[method.name] = handle.stats.total.build_seconds
             finally:
                 method.detach(model, handle)
             if progress is not None:
-                progress(f"round {round_index + 1}/{repeats}: {method.name}")
+                what = f"round {round_index - warmup + 1}/{repeats}" if timed else "warm-up"
+                progress(f"{what}: {method.name}")
     base = outputs[methods[0].name]
     base_time = median(times[methods[0].name])
     base_flops = flops[methods[0].name]
@@ -164,6 +195,7 @@ def compare(
                 flop_speedup=base_flops / flops[method.name] if flops[method.name] else float("nan"),
                 plan_seconds=plan_seconds.get(method.name, 0.0),
                 tokens_kept=kept.get(method.name, 1.0),
+                peak_memory=peaks.get(method.name),
                 times=times[method.name],
             )
         )
@@ -171,13 +203,19 @@ def compare(
 
 
 def format_rows(rows: Sequence[Row]) -> str:
-    lines = [
-        f"{'method':<14} {'time s':>8} {'speedup':>8} {'FLOP model':>10} {'efficiency':>10} {'deviation':>10} "
+    memory = any(row.peak_memory is not None for row in rows)
+    width = max([14, *(len(row.name) for row in rows)])
+    head = (
+        f"{'method':<{width}} {'time s':>8} {'speedup':>8} {'FLOP model':>10} {'efficiency':>10} {'deviation':>10} "
         f"{'plan share':>10}"
-    ]
+    )
+    lines = [head + (f" {'peak GiB':>9}" if memory else "")]
     for row in rows:
-        lines.append(
-            f"{row.name:<14} {row.seconds:>8.3f} {row.speedup:>7.2f}x {row.flop_speedup:>9.2f}x "
+        line = (
+            f"{row.name:<{width}} {row.seconds:>8.3f} {row.speedup:>7.2f}x {row.flop_speedup:>9.2f}x "
             f"{row.efficiency:>10.2f} {row.deviation:>10.4f} {100 * row.plan_share:>9.1f}%"
         )
+        if memory:
+            line += f" {row.peak_memory:>9.2f}" if row.peak_memory is not None else f" {'-':>9}"
+        lines.append(line)
     return "\n".join(lines)

@@ -38,7 +38,8 @@ class BenchConfig(BaseModel):
     )
     methods: list[str] = Field(
         ["baseline", "toma", "random", "grid", "todo", "tomesd"],
-        description="baseline, tomesd, or tokred presets; the first must be baseline",
+        description="baseline, tomesd, or tokred presets, each optionally with its own settings in brackets "
+        "(toma[proportional=mask], toma_flux[ratio=0.6,mode=kv]); the first must be baseline",
     )
     ratio: float | None = Field(0.5, ge=0.0, lt=1.0, description="ratio for every tokred method (null: each preset's)")
     reduction: dict[str, Any] = Field(
@@ -51,6 +52,9 @@ class BenchConfig(BaseModel):
     batch: int = Field(1, ge=1)
     text_tokens: int = Field(77, ge=1, description="text tokens of the conditioning")
     repeats: int = Field(2, ge=1, description="interleaved timed rounds (medians are reported)")
+    warmup: int | None = Field(
+        None, ge=0, description="untimed rounds before the timed ones (null: none on the CPU, 2 on CUDA)"
+    )
     seed: int = 0
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when there is one)")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
@@ -71,26 +75,44 @@ def load_bench_config(source: str | None, overrides: list[str]) -> BenchConfig:
     sources.describe(config.model)
     sources.validate_options(config.model, model_options(config))
     presets = list_presets()
-    for index, name in enumerate(config.methods):
+    for index, entry in enumerate(config.methods):
+        name, own = parse_method(entry, f"methods.{index}")
         if name not in PEERS and name not in presets:
             raise ConfigError(
                 [
                     ConfigIssue(
                         f"methods.{index}",
                         f"unknown method {name!r}; available: {', '.join([*PEERS, *presets])}",
-                        name,
+                        entry,
                         True,
                     )
                 ]
             )
         if name not in PEERS:
             try:
-                load_config(name, **method_overrides(config))
+                load_config(name, **{**method_overrides(config), **own})
             except ConfigError as exc:
-                raise ConfigError(exc.issues, source=f"for method {name!r}") from None
+                raise ConfigError(exc.issues, source=f"for method {entry!r}") from None
             except TokredError as exc:
                 raise ConfigError([ConfigIssue(f"methods.{index}", str(exc))]) from None
+        elif own:
+            raise ConfigError([ConfigIssue(f"methods.{index}", f"{name} takes no settings", entry, True)])
+    if len(set(config.methods)) != len(config.methods):
+        raise ConfigError([ConfigIssue("methods", "each method at most once", config.methods, True)])
     return config
+
+
+def parse_method(entry: str, where: str = "methods") -> tuple[str, dict[str, Any]]:
+    """``toma[proportional=mask,ratio=0.6]`` -> ("toma", {"proportional": "mask", "ratio": 0.6})."""
+    from tokred.config import parse_overrides
+
+    name, bracket, rest = entry.partition("[")
+    if not bracket:
+        return entry.strip(), {}
+    if not rest.endswith("]"):
+        raise ConfigError([ConfigIssue(where, "settings in brackets must end with ']'", entry, True)])
+    items = [item.strip() for item in rest[:-1].split(",") if item.strip()]
+    return name.strip(), parse_overrides(items)
 
 
 def method_overrides(config: BenchConfig) -> dict[str, Any]:
@@ -124,7 +146,8 @@ def methods_for(config: BenchConfig, model: torch.nn.Module) -> tuple[list[Metho
 
     methods, notes = [], []
     overrides = method_overrides(config)
-    for name in config.methods:
+    for entry in config.methods:
+        name, own = parse_method(entry)
         if name == "baseline":
             methods.append(Method("baseline", "baseline"))
         elif name == "tomesd":
@@ -137,7 +160,7 @@ def methods_for(config: BenchConfig, model: torch.nn.Module) -> tuple[list[Metho
                 methods.append(Method("tomesd", "tomesd", config={"ratio": ratio, "max_downsample": 2}))
                 notes.append(f"tomesd: ratio {ratio}, max_downsample=2 (merges at 1/2 of the latent size only)")
         else:
-            methods.append(Method(name, config=name, overrides=overrides))
+            methods.append(Method(entry, config=name, overrides={**overrides, **own}))
     return methods, notes
 
 
@@ -148,10 +171,12 @@ def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], obje
     interrupted run never leaves a result that looks complete.
     """
     device, dtype = sources.resolve_device(config.device, config.dtype)
-    model = sources.load_denoiser(config.model, model_options(config), seed=config.seed).to(device, dtype)
+    model = sources.load_denoiser(config.model, model_options(config), seed=config.seed, device=device, dtype=dtype)
     call, latent = denoiser_call(model, config)
     methods, notes = methods_for(config, model)
-    rows = compare(model, call, methods, repeats=config.repeats, progress=progress)
+    warmup = config.warmup if config.warmup is not None else (2 if device.type == "cuda" else 0)
+    rows = compare(model, call, methods, repeats=config.repeats, warmup=warmup, progress=progress)
+    config = config.model_copy(update={"warmup": warmup})
     return publish_dir(out_dir, lambda partial: _write_report(config, model, call, latent, rows, notes, partial))
 
 
@@ -192,8 +217,9 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [Row(**{k: v for k, v in row.items() if k in Row.__dataclass_fields__}) for row in report["rows"]]
     head = (
         f"tokred bench: {setup['model']}{_options_text(setup['model_options'])} at {setup['height']}x{setup['width']}, "
-        f"batch {setup['batch']}, ratio {setup['ratio']}; {setup['device']}, {setup['threads']} threads, "
-        f"median of {setup['repeats']} interleaved rounds"
+        f"batch {setup['batch']}, ratio {setup['ratio']}; {setup['device']} {setup.get('dtype', 'float32')}, "
+        f"{setup['threads']} threads, median of {setup['repeats']} interleaved rounds"
+        + (f" after {setup['warmup']} warm-up" if setup.get("warmup") else "")
     )
     lines = [head, "", format_rows(rows)]
     lines += [f"note: {note}" for note in setup["notes"]]

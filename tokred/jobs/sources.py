@@ -137,17 +137,19 @@ def _random_sdxl_pipeline(options: RandomSDXLOptions, seed: int):  # type: ignor
     )
 
 
-def random_sdxl_unet(options: RandomSDXLOptions, seed: int = 0):  # type: ignore[no-untyped-def]
+def random_sdxl_unet(options: RandomSDXLOptions, seed: int = 0, **where: Any):  # type: ignore[no-untyped-def]
     from tokred.jobs.testbed import SDXL_UNET_CONFIG, unet_from_config
 
     layers = [min(n, options.depth) for n in SDXL_UNET_CONFIG["transformer_layers_per_block"]]
-    return unet_from_config({**SDXL_UNET_CONFIG, "transformer_layers_per_block": layers}, seed=seed)
+    return unet_from_config({**SDXL_UNET_CONFIG, "transformer_layers_per_block": layers}, seed=seed, **where)
 
 
-def random_flux_transformer(options: RandomFluxOptions, seed: int = 0):  # type: ignore[no-untyped-def]
+def random_flux_transformer(options: RandomFluxOptions, seed: int = 0, **where: Any):  # type: ignore[no-untyped-def]
     from tokred.jobs.testbed import FLUX_DEV_CONFIG, flux_transformer
 
-    return flux_transformer(FLUX_DEV_CONFIG, seed=seed, num_layers=options.double, num_single_layers=options.single)
+    return flux_transformer(
+        FLUX_DEV_CONFIG, seed=seed, num_layers=options.double, num_single_layers=options.single, **where
+    )
 
 
 def _random_flux_pipeline(options: RandomFluxOptions, seed: int):  # type: ignore[no-untyped-def]
@@ -223,27 +225,34 @@ def load_pipeline(  # type: ignore[no-untyped-def]
     return pipe
 
 
-def load_denoiser(name: str, options: dict[str, Any] | None = None, *, seed: int = 0) -> torch.nn.Module:
-    """Only the denoiser of a source (what ``bench`` measures); built-ins skip text encoders and VAE."""
-    kind = describe(name)
+def load_denoiser(
+    name: str,
+    options: dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """Only the denoiser of a source (what ``bench`` measures), on ``device`` in ``dtype``; built-ins skip text
+    encoders and VAE and draw their random weights on ``device``."""
     validated = validate_options(name, dict(options or {}))
+    where = {"device": device, "dtype": dtype}
     if name == "random:sdxl":
-        return random_sdxl_unet(validated, seed)  # type: ignore[arg-type]
+        return random_sdxl_unet(validated, seed, **where)  # type: ignore[arg-type]
     if name == "random:flux":
-        return random_flux_transformer(validated, seed)  # type: ignore[arg-type]
+        return random_flux_transformer(validated, seed, **where)  # type: ignore[arg-type]
     if name == "tiny:sdxl":
         from tokred.jobs.testbed import TINY_SDXL_UNET_CONFIG, unet_from_config
 
-        return unet_from_config(TINY_SDXL_UNET_CONFIG, seed=seed)
+        return unet_from_config(TINY_SDXL_UNET_CONFIG, seed=seed, **where)
     if name == "tiny:flux":
         from tokred.jobs.testbed import TINY_FLUX_CONFIG, flux_transformer
 
-        return flux_transformer(TINY_FLUX_CONFIG, seed=seed)
-    del kind
-    pipe = load_pipeline(name, options, seed=seed)
+        return flux_transformer(TINY_FLUX_CONFIG, seed=seed, **where)
+    pipe = load_pipeline(name, options, seed=seed, dtype=dtype)
     from tokred.api import find_denoiser
 
-    return find_denoiser(pipe)
+    return find_denoiser(pipe).to(device or "cpu")
 
 
 def saved_pipeline_dir(path: str | Path) -> bool:

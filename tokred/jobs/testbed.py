@@ -71,12 +71,21 @@ TINY_SD1_UNET_CONFIG: dict[str, Any] = {
 }
 
 
-def unet_from_config(config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
+def built_on(device: torch.device | str | None, dtype: torch.dtype, build):  # type: ignore[no-untyped-def]
+    """``build()`` with its parameters made on ``device`` (random weights drawn there: a 12B-parameter model
+    is made in seconds on a GPU, and never passes through host memory), then cast to ``dtype``."""
+    with torch.device(device or "cpu"):
+        model = build().eval()
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def unet_from_config(  # type: ignore[no-untyped-def]
+    config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None
+):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**config).eval()
-    return unet if dtype == torch.float32 else unet.to(dtype)
+    return built_on(device, dtype, lambda: UNet2DConditionModel(**config))
 
 
 def tiny_vae(scaling_factor: float, shift_factor: float | None = None, latent_channels: int = 4):  # type: ignore[no-untyped-def]
@@ -209,13 +218,14 @@ FLUX_DEV_CONFIG: dict[str, Any] = {
 }
 
 
-def flux_transformer(config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, **changes: Any):  # type: ignore[no-untyped-def]
+def flux_transformer(  # type: ignore[no-untyped-def]
+    config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
+):
     """A FluxTransformer2DModel from ``config`` (with ``changes``, e.g. fewer layers), random weights."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**{**config, **changes}).eval()
-    return model if dtype == torch.float32 else model.to(dtype)
+    return built_on(device, dtype, lambda: FluxTransformer2DModel(**{**config, **changes}))
 
 
 def tiny_flux_pipeline(*, text_encoders: bool = True, seed: int = 0):  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ those destinations into :class:`GroupMaps`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol, runtime_checkable
 
@@ -105,6 +105,10 @@ class GroupLayout:
     def _on_device(self) -> dict[str, GroupLayout]:
         return {}
 
+    @cached_property
+    def _quotas(self) -> dict[float, Quota]:
+        return {}
+
     def to(self, device: torch.device | str) -> GroupLayout:
         """This layout with its tensors on ``device`` (cached: layouts are reused for every plan)."""
         key = str(torch.device(device))
@@ -156,10 +160,79 @@ def take_rows(x: Tensor, index: Tensor) -> Tensor:
 _DERIVED = ("counts", "regular", "inverse", "coords", "trivial_order")
 
 
+def one_hot(index: Tensor, classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``F.one_hot`` without its check of the index range (a read back from the device on a GPU)."""
+    return (index.unsqueeze(-1) == torch.arange(classes, device=index.device)).to(dtype)
+
+
 def destination_counts(counts: Tensor, ratio: float) -> Tensor:
     """Destinations per group: round(n·(1−ratio)), at least 1 and at most n."""
     kept = torch.round(counts.to(torch.float64) * (1.0 - ratio)).to(torch.long)
     return torch.minimum(kept.clamp_min(1), counts)
+
+
+@dataclass(frozen=True, eq=False)
+class Quota:
+    """How many destinations each group of a layout keeps at one ratio, worked out once, on the CPU.
+
+    Everything a plan's shapes depend on is here, so building a plan on a GPU reads nothing back from it.
+
+    Attributes:
+        counts: (G,) destinations per group.
+        max: the largest count (d).
+        valid: (G, d) which destination slots are used.
+        all_used: every group keeps d destinations.
+        keeps_all: every token is a destination (the identity plan).
+        used_slots: (D,) the flat slots (g·d + k) in use, None when all are used.
+        slot_destination: (G·d,) the destination (0..D-1) of each flat slot, None when all are used.
+    """
+
+    counts: Tensor
+    max: int
+    valid: Tensor
+    all_used: bool
+    keeps_all: bool
+    used_slots: Tensor | None
+    slot_destination: Tensor | None
+    _on_device: dict[str, Quota] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, layout: GroupLayout, ratio: float) -> Quota:
+        """The quota of ``layout`` at ``ratio`` (cached on the layout, which is itself cached per grid)."""
+        cache = layout._quotas
+        if ratio not in cache:
+            counts = destination_counts(layout.counts.cpu(), ratio)
+            most = int(counts.max())
+            valid = torch.arange(most).unsqueeze(0) < counts.unsqueeze(1)
+            flat = valid.flatten()
+            all_used = bool(flat.all())
+            cache[ratio] = cls(
+                counts=counts,
+                max=most,
+                valid=valid,
+                all_used=all_used,
+                keeps_all=bool((counts == layout.counts.cpu()).all()),
+                used_slots=None if all_used else flat.nonzero().squeeze(-1),
+                slot_destination=None if all_used else (torch.cumsum(flat, 0) - 1).clamp_min(0),
+            )
+        return cache[ratio]
+
+    def to(self, device: torch.device | str) -> Quota:
+        key = str(torch.device(device))
+        if key == str(self.counts.device):
+            return self
+        if key not in self._on_device:
+            move = lambda t: None if t is None else t.to(device)  # noqa: E731
+            self._on_device[key] = Quota(
+                move(self.counts),
+                self.max,
+                move(self.valid),
+                self.all_used,
+                self.keeps_all,
+                move(self.used_slots),
+                move(self.slot_destination),
+            )
+        return self._on_device[key]
 
 
 def _safe_reciprocal(norms: Tensor) -> Tensor:
@@ -184,14 +257,21 @@ class SelectionContext:
         self,
         features: Tensor,
         layout: GroupLayout,
-        num_destinations: Tensor,
+        num_destinations: Tensor | Quota,
         generator: torch.Generator | None = None,
         salt: int = 0,
     ) -> None:
         self.features = features
         self.layout = layout
-        self.num_destinations = num_destinations
-        self.max_destinations = int(num_destinations.max())
+        if isinstance(num_destinations, Quota):  # worked out on the CPU: nothing is read back from the device
+            quota = num_destinations
+            self.num_destinations = quota.counts
+            self.max_destinations = quota.max
+            self.__dict__["destination_valid"] = quota.valid
+            self.__dict__["all_destinations_used"] = quota.all_used
+        else:
+            self.num_destinations = num_destinations
+            self.max_destinations = int(num_destinations.max())
         self.generator = generator
         self.salt = salt
         self._similarity: Tensor | None = None

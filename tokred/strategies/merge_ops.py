@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, PositiveFloat
 from torch import Tensor
 
 from tokred.registry import Options
-from tokred.strategies.base import GroupMaps, SelectionContext
+from tokred.strategies.base import GroupMaps, SelectionContext, one_hot
 
 # Added to a destination's similarity with its own slot so that it is always assigned to itself, even when
 # another destination is an exact duplicate (cosine similarities lie in [-1, 1]).
@@ -29,7 +28,7 @@ def _rows_normalised(assign: Tensor) -> Tensor:
 def hard_assignment(ctx: SelectionContext, destinations: Tensor) -> Tensor:
     """(B, G, n): for each slot, the most similar destination (0..d-1); a destination picks itself."""
     similarity = ctx.destination_similarity(destinations)
-    own = F.one_hot(destinations, ctx.layout.group_size).to(similarity.dtype)
+    own = one_hot(destinations, ctx.layout.group_size, similarity.dtype)
     scores = similarity.add_(own, alpha=_SELF_BONUS)
     if not ctx.all_destinations_used:
         scores = scores.masked_fill_(~_masks(ctx)[0], float("-inf"))
@@ -74,7 +73,7 @@ class MeanMerge:
     def maps(self, ctx: SelectionContext, destinations: Tensor) -> GroupMaps:
         assignment = hard_assignment(ctx, destinations)
         _, src_valid = _masks(ctx)
-        onehot = F.one_hot(assignment, ctx.max_destinations).transpose(-1, -2).to(torch.float32) * src_valid
+        onehot = one_hot(assignment, ctx.max_destinations).transpose(-1, -2) * src_valid
         return GroupMaps(merge=_rows_normalised(onehot), unmerge=None, assignment=assignment, sizes=onehot.sum(-1))
 
 
@@ -87,5 +86,5 @@ class PruneMerge:
     def maps(self, ctx: SelectionContext, destinations: Tensor) -> GroupMaps:
         assignment = hard_assignment(ctx, destinations)
         _, src_valid = _masks(ctx)
-        counts = (F.one_hot(assignment, ctx.max_destinations).transpose(-1, -2).to(torch.float32) * src_valid).sum(-1)
+        counts = (one_hot(assignment, ctx.max_destinations).transpose(-1, -2) * src_valid).sum(-1)
         return GroupMaps(merge=None, unmerge=None, assignment=assignment, sizes=counts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import torch
 from pydantic import Field, PositiveInt
@@ -10,7 +11,14 @@ from torch import Tensor
 
 from tokred.registry import Options
 from tokred.strategies.base import SelectionContext, select_by_priority
-from tokred.strategies.facility_location import greedy_facility_location, nonnegative_similarity
+from tokred.strategies.facility_location import (
+    greedy_facility_location,
+    nonnegative_similarity,
+    stochastic_greedy_facility_location,
+)
+
+#: the largest group for which ``toma``'s auto greedy is exact
+EXACT_UP_TO = 1024
 
 
 def _generator(ctx: SelectionContext, seed: int) -> torch.Generator:
@@ -23,12 +31,30 @@ def _generator(ctx: SelectionContext, seed: int) -> torch.Generator:
 class FacilityLocationSelector:
     """ToMA: greedy submodular facility location on cosine similarity, within each group."""
 
-    def __init__(self, options: Options) -> None:
-        pass
+    class Options(Options):
+        greedy: Literal["auto", "exact", "stochastic"] = Field(
+            "auto",
+            description="exact greedy (O(d·n²) per group, within 1−1/e of the optimum), stochastic greedy "
+            "(O(n²·ln 1/ε), within 1−1/e−ε in expectation), or auto: exact for groups of up to "
+            f"{EXACT_UP_TO} tokens (every tile), stochastic above (global locality at SDXL sizes)",
+        )
+        epsilon: float = Field(0.1, gt=0.0, lt=1.0, description="ε of stochastic greedy")
+        seed: int = Field(0, description="seed of stochastic greedy's draws")
+
+    def __init__(self, options: FacilityLocationSelector.Options | None = None) -> None:
+        options = options or self.Options()
+        self.greedy, self.epsilon, self.seed = options.greedy, options.epsilon, options.seed
 
     def select(self, ctx: SelectionContext) -> Tensor:
         s = nonnegative_similarity(ctx.similarity, ctx.layout.valid)
-        indices, _ = greedy_facility_location(s, ctx.layout.valid, ctx.max_destinations)
+        n = ctx.layout.group_size
+        if self.greedy == "exact" or (self.greedy == "auto" and n <= EXACT_UP_TO):
+            indices, _ = greedy_facility_location(s, ctx.layout.valid, ctx.max_destinations)
+        else:
+            generator = _generator(ctx, self.seed)
+            indices, _ = stochastic_greedy_facility_location(
+                s, ctx.layout.valid, ctx.max_destinations, self.epsilon, generator
+            )
         return indices
 
 
