@@ -19,18 +19,19 @@ from hypothesis_tokens import (
     smooth_tokens,
     tiles,
     token_tensors,
+    video_grids,
 )
 
 from tokred import make_plan
 from tokred.plugins import default_registries
-from tokred.strategies.base import GroupLayout, destination_counts
+from tokred.strategies.base import GroupLayout, as_frames, destination_counts
 from tokred.strategies.facility_location import (
     facility_location_objective,
     greedy_facility_location,
     nonnegative_similarity,
     stochastic_greedy_facility_location,
 )
-from tokred.strategies.localities import stripe_layout, tile_layout
+from tokred.strategies.localities import stripes_of, tiles_of
 
 REG = default_registries()
 
@@ -112,30 +113,45 @@ def test_ratio_zero_is_the_identity_bit_for_bit(grid, data):
 
 @given(grids, tiles, st.integers(1, 6))
 def test_partition_then_inverse_is_the_identity(grid, tile, count):
-    x = torch.arange(grid[0] * grid[1] * 2, dtype=torch.float32).view(1, -1, 2)
-    for layout in (tile_layout(*grid, *tile), stripe_layout(*grid, count)):
+    n = math.prod(grid)
+    x = torch.arange(n * 2, dtype=torch.float32).view(1, -1, 2)
+    for layout in (tiles_of(grid, tile), stripes_of(grid, count, "rows"), stripes_of(grid, count, "frames")):
         slots = x.index_select(1, layout.index.flatten())
         assert torch.equal(slots.index_select(1, layout.inverse), x)
         covered = layout.index[layout.valid]
-        assert torch.equal(covered.sort().values, torch.arange(grid[0] * grid[1]))  # each token once
-        assert int(layout.counts.sum()) == grid[0] * grid[1]
+        assert torch.equal(covered.sort().values, torch.arange(n))  # each token once
+        assert int(layout.counts.sum()) == n
         # the reshape path of exact tilings and the gather path agree
         slots4 = layout.to_slots(x)
         assert torch.equal(slots4.flatten(1, 2), slots)
         assert torch.equal(layout.from_slots(slots4), x)
-    if grid[0] % tile[0] == 0 and grid[1] % tile[1] == 0:
-        assert tile_layout(*grid, *tile).tile == tuple(tile)
+    (f, h, w), (tf, th, tw) = as_frames(grid), as_frames(tile)
+    if f % min(tf, f) == 0 and h % th == 0 and w % tw == 0:
+        assert tiles_of(grid, tile).tile is not None
 
 
 @given(grids, tiles)
-def test_tiles_are_rectangles_of_at_most_the_tile_size(grid, tile):
-    layout = tile_layout(*grid, *tile)
+def test_tiles_are_boxes_of_at_most_the_tile_size(grid, tile):
+    layout = tiles_of(grid, tile)
+    (f, _, _), (tf, th, tw) = as_frames(grid), as_frames(tile)
     for g in range(layout.num_groups):
-        coords = layout.coords[g][layout.valid[g]]
+        valid = layout.valid[g]
+        coords = layout.coords[g][valid]
+        frames = layout.frames[g][valid]
         rows, cols = coords[:, 0], coords[:, 1]
-        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
-        assert height <= tile[0] and width <= tile[1]
-        assert height * width == len(coords)
+        extent = [int(t.max() - t.min() + 1) for t in (frames, rows, cols)]
+        assert extent[0] <= min(tf, f) and extent[1] <= th and extent[2] <= tw
+        assert math.prod(extent) == len(coords)  # a full box: no token of another tile inside
+
+
+@given(video_grids, st.integers(1, 4))
+def test_stripes_over_time_hold_whole_frames(grid, count):
+    layout = stripes_of(grid, count, "frames")
+    per_frame = grid[1] * grid[2]
+    for g in range(layout.num_groups):
+        frames = layout.frames[g][layout.valid[g]]
+        assert int(layout.counts[g]) == per_frame * frames.unique().numel()
+        assert int(frames.max() - frames.min() + 1) == frames.unique().numel()  # consecutive frames
 
 
 @given(st.integers(1, 30), st.integers(1, 8), st.integers(1, 6), st.data())

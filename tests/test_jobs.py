@@ -104,7 +104,7 @@ def test_a_failed_generate_leaves_no_result_that_looks_complete(capsys, tmp_path
     [
         (
             ["generate", "toma", "model=nope:sdxl"],
-            "unknown model source 'nope:sdxl': not a built-in (tiny:sdxl, tiny:flux, random:sdxl, random:flux)",
+            "unknown model source 'nope:sdxl': not a built-in (tiny:sdxl, tiny:flux, random:sdxl, random:flux, ",
         ),
         (["generate", "toma", "model=tiny:sdxl", "bogus=1"], "bogus: unknown key 'bogus'"),
         (
@@ -500,3 +500,31 @@ def test_the_gpu_check_configs_validate():
         methods = [parse_method(m) for m in config.methods]
         ways = {load_config(name, **own).proportional for name, own in methods if name == preset}
         assert ways == {"auto", "mask", "off"}
+
+
+def test_generate_sd3_images_and_wan_videos(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "toma", "model=tiny:sd3", "steps=2", "--out", str(tmp_path / "sd3"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "sd3" / "record.json").read_text())
+    assert record["images"] == ["000.png"] and valid_png(tmp_path / "sd3" / "000.png") == (128, 128)
+    out = tmp_path / "wan"
+    code, _, err = run_cli(
+        capsys, "generate", "toma", "model=tiny:wan", "steps=2", "frames=5", "width=48", "--out", str(out)
+    )
+    assert code == 0, err
+    record = json.loads((out / "record.json").read_text())
+    assert record["images"] == ["000.gif", "000_frames.png"]
+    assert record["stats"]["total"]["tokens_out"] < record["stats"]["total"]["tokens_in"]
+    assert valid_png(out / "000_frames.png") == (5 * 48, 64)  # five frames side by side
+    with Image.open(out / "000.gif") as gif:
+        assert gif.n_frames == 5 and gif.size == (48, 64)
+
+
+@pytest.mark.parametrize("model", ["tiny:sd3", "tiny:wan"])
+def test_bench_on_the_new_families(capsys, tmp_path, model):
+    out = tmp_path / "bench"
+    code, _, err = run_cli(capsys, "bench", f"model={model}", "height=64", "width=64", "repeats=1", "--out", str(out))
+    assert code == 0, err
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["baseline", "toma", "random", "grid", "todo"]
+    assert all(r["tokens_kept"] < 1 for r in rows[1:]) and valid_png(out / "toma_destinations.png")[0] > 100

@@ -69,6 +69,7 @@ JOB_SETTINGS: dict[str, str] = {
             "height",
             "width",
             "guidance_scale",
+            "frames",
             "images",
             "device",
             "dtype",

@@ -158,7 +158,8 @@ class Engine:
             return
         if timestep is None:
             return
-        value = float(timestep.reshape(-1)[0]) if isinstance(timestep, Tensor) else float(timestep)
+        # the largest entry: Wan 2.2 TI2V gives a timestep per token, 0 on the conditioning frame's tokens
+        value = float(timestep.reshape(-1).max()) if isinstance(timestep, Tensor) else float(timestep)
         if self._last_timestep is None or value > self._last_timestep:
             self.step = 0
             self._plans.clear()

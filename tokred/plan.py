@@ -7,6 +7,7 @@ shapes depend only on (N, grid, config).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.strategies.base import (
+    Grid,
     GroupLayout,
     GroupMaps,
     Locality,
@@ -32,7 +34,7 @@ class MergePlan:
     """Destinations and merge/unmerge maps of one site for one input.
 
     Attributes:
-        grid: (h, w) of the token grid.
+        grid: (h, w) of the token grid, or (frames, h, w).
         destinations: (B, D) indices of the destination tokens in the original (row-major) order; B may be 1
             when the plan is shared by the whole batch.
         num_tokens: N.
@@ -42,7 +44,7 @@ class MergePlan:
             merged keys (proportional attention), so a key standing for m tokens weighs as much as they did.
     """
 
-    grid: tuple[int, int]
+    grid: Grid
     destinations: Tensor
     layout: GroupLayout | None = None
     merge_weights: Tensor | None = None  # (B, G, d, n), None: keep the destinations (a gather)
@@ -55,7 +57,7 @@ class MergePlan:
 
     @property
     def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return math.prod(self.grid)
 
     @property
     def num_destinations(self) -> int:
@@ -133,9 +135,9 @@ class MergePlan:
         return self._cast[key]
 
 
-def identity_plan(grid: tuple[int, int], batch: int = 1, device: torch.device | str | None = None) -> MergePlan:
+def identity_plan(grid: Grid, batch: int = 1, device: torch.device | str | None = None) -> MergePlan:
     """The plan of ratio 0: every token is a destination, merge and unmerge return their input."""
-    n = grid[0] * grid[1]
+    n = math.prod(grid)
     return MergePlan(grid=grid, destinations=torch.arange(n, device=device).expand(batch, n))
 
 
@@ -146,7 +148,7 @@ def group_tokens(tokens: Tensor, layout: GroupLayout) -> Tensor:
 
 def build_plan(
     tokens: Tensor,
-    grid: tuple[int, int],
+    grid: Grid,
     *,
     selector: Selector,
     merge_op: MergeOp,
@@ -167,10 +169,11 @@ def build_plan(
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, N, C), got shape {tuple(tokens.shape)}")
-    grid = (int(grid[0]), int(grid[1]))
+    grid = tuple(int(v) for v in grid)
     batch, num_tokens, _ = tokens.shape
-    if grid[0] * grid[1] != num_tokens:
-        raise ValueError(f"grid {grid[0]}x{grid[1]} has {grid[0] * grid[1]} tokens, but tokens has {num_tokens}")
+    if math.prod(grid) != num_tokens:
+        shape = "x".join(str(v) for v in grid)
+        raise ValueError(f"grid {shape} has {math.prod(grid)} tokens, but tokens has {num_tokens}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must satisfy 0 <= ratio < 1, got {ratio}")
     layout = locality.partition(grid)
@@ -197,7 +200,7 @@ def build_plan(
 
 
 def _assemble(
-    grid: tuple[int, int],
+    grid: Grid,
     layout: GroupLayout,
     ctx: SelectionContext,
     destinations: Tensor,

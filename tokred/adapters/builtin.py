@@ -24,6 +24,26 @@ BUILTIN_ADAPTERS: dict[str, tuple[str, str, str]] = {
         "FluxAdapter",
         "FluxTransformer2DModel: image tokens of double-block attention / ff and of single blocks",
     ),
+    "sd3": (
+        "tokred.adapters.sd3",
+        "SD3Adapter",
+        "SD3Transformer2DModel (SD3, SD3.5): image tokens of the joint attention, SD3.5's second attention, ff",
+    ),
+    "flux2": (
+        "tokred.adapters.flux2",
+        "Flux2Adapter",
+        "Flux2Transformer2DModel: image tokens of double-block attention / ff and of single blocks",
+    ),
+    "qwenimage": (
+        "tokred.adapters.qwenimage",
+        "QwenImageAdapter",
+        "QwenImageTransformer2DModel: image tokens of the dual-stream attention and the image feed-forward",
+    ),
+    "wan": (
+        "tokred.adapters.wan",
+        "WanAdapter",
+        "WanTransformer3DModel (Wan 2.x video): self-attention, cross-attention queries and ff on the f x h x w grid",
+    ),
 }
 
 _unavailable: dict[str, str] = {}

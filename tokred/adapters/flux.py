@@ -96,9 +96,11 @@ def stream_bias(plan: MergePlan, text_len: int, extra: int, dtype: torch.dtype) 
     return torch.cat(parts, dim=1)
 
 
-def _project(attn: torch.nn.Module, hidden: Tensor, text: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Q, K, V (B, S, H, D) as diffusers' Flux processor makes them: text first when the block has a text stream."""
-    query, key, value, e_query, e_key, e_value = _get_qkv_projections(attn, hidden, text)
+def project(
+    attn: torch.nn.Module, hidden: Tensor, text: Tensor | None, projections: Any = _get_qkv_projections
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, K, V (B, S, H, D) as diffusers' Flux processors make them: text first when the block has a text stream."""
+    query, key, value, e_query, e_key, e_value = projections(attn, hidden, text)
     query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
     query, key = attn.norm_q(query), attn.norm_k(key)
     if attn.added_kv_proj_dim is not None and text is not None:
@@ -108,7 +110,7 @@ def _project(attn: torch.nn.Module, hidden: Tensor, text: Tensor | None) -> tupl
     return query, key, value
 
 
-def _finish(attn: torch.nn.Module, out: Tensor, text: Tensor | None, dtype: torch.dtype) -> Any:
+def finish(attn: torch.nn.Module, out: Tensor, text: Tensor | None, dtype: torch.dtype) -> Any:
     out = out.flatten(2, 3).to(dtype)
     if text is None:
         return out
@@ -116,7 +118,7 @@ def _finish(attn: torch.nn.Module, out: Tensor, text: Tensor | None, dtype: torc
     return attn.to_out[1](attn.to_out[0](image_out.contiguous())), attn.to_add_out(text_out.contiguous())
 
 
-def _unmerge_stream(plan: MergePlan, image: Tensor) -> Tensor:
+def unmerge_stream(plan: MergePlan, image: Tensor) -> Tensor:
     """(B, D + E, C) -> (B, N + E, C): the merged part unmerged, extra tokens as they are."""
     restored = plan.unmerge(image[:, : plan.num_destinations])
     extra = image[:, plan.num_destinations :]
@@ -126,6 +128,9 @@ def _unmerge_stream(plan: MergePlan, image: Tensor) -> Tensor:
 class FluxAttentionSite(AttentionSite):
     """A Flux attention: the joint attention of a double block (``tokens`` or ``kv`` mode) or a single block's
     attention (``kv`` mode; in ``tokens`` mode it only serves the enclosing :class:`FluxSingleBlockSite`)."""
+
+    #: diffusers' Q/K/V projection helper of the family (Flux.2 has its own, with the same contract)
+    projections = staticmethod(_get_qkv_projections)
 
     def __init__(self, engine: Engine, site: SiteInfo, cell: GridCell, mode: str = "tokens", inner: bool = False):
         super().__init__(engine, site, cell, mode)
@@ -168,7 +173,7 @@ class FluxAttentionSite(AttentionSite):
         stream = merged if extra is None else torch.cat((merged, extra), dim=1)
         rope = gather_rope(image_rotary_emb, text.shape[1], plan.destinations, grid_part.shape[1], self.cell.extra)
         image_out, text_out = self.attention(original, attn, stream, text, rope, plan, text.shape[1])
-        return _unmerge_stream(plan, image_out), text_out
+        return unmerge_stream(plan, image_out), text_out
 
     def attention(
         self,
@@ -181,12 +186,12 @@ class FluxAttentionSite(AttentionSite):
         text_len: int,
     ) -> Any:
         """Attention over [text, merged image, extra] with per-sample RoPE and merged keys weighed by their sizes."""
-        query, key, value = _project(attn, stream, text)
+        query, key, value = project(attn, stream, text, self.projections)
         query, key = rotate(query, *rope), rotate(key, *rope)
         way = self.way(original, attn.head_dim)
         bias = stream_bias(plan, text_len, self.cell.extra, query.dtype) if way != "off" else None
         out = attend(query, key, value, key_bias=bias, way=way, backend=active_backend(original), processor=original)
-        return _finish(attn, out, text, query.dtype)
+        return finish(attn, out, text, query.dtype)
 
     def reduced_kv(
         self, original: Any, attn: torch.nn.Module, hidden: Tensor, text: Tensor | None, rope: Rope, unchanged: Any
@@ -201,7 +206,7 @@ class FluxAttentionSite(AttentionSite):
         plan = self.plan(hidden[:, start : start + grid_tokens])
         if plan is None:
             return unchanged()
-        query, key, value = _project(attn, hidden, text)
+        query, key, value = project(attn, hidden, text, self.projections)
         query, key = rotate(query, *rope), rotate(key, *rope)
         text_len = key.shape[1] - image_len
 
@@ -214,7 +219,7 @@ class FluxAttentionSite(AttentionSite):
         way = self.way(original, attn.head_dim)
         bias = stream_bias(plan, text_len, extra, query.dtype) if way != "off" else None
         out = attend(query, key, value, key_bias=bias, way=way, backend=active_backend(original), processor=original)
-        return _finish(attn, out, text, query.dtype)
+        return finish(attn, out, text, query.dtype)
 
     # an IP-adapter processor stays in place: merge around it, with destinations shared by the batch
     def hooked_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -244,7 +249,7 @@ class FluxAttentionSite(AttentionSite):
 
     def hooked_post(self, module: torch.nn.Module, pending: Any, output: Any) -> Any:
         image, text, *rest = output  # (image, text) or (image, text, ip-adapter output on the image)
-        return (_unmerge_stream(pending, image), text, *(_unmerge_stream(pending, r) for r in rest))
+        return (unmerge_stream(pending, image), text, *(unmerge_stream(pending, r) for r in rest))
 
 
 class FluxSingleBlockSite(ModuleSite):

@@ -12,11 +12,19 @@ from tokred.errors import TokredError
 
 
 def denoiser_inputs(
-    model: torch.nn.Module, *, height: int, width: int, batch: int = 1, text_tokens: int = 77, seed: int = 0
+    model: torch.nn.Module,
+    *,
+    height: int,
+    width: int,
+    batch: int = 1,
+    text_tokens: int = 77,
+    seed: int = 0,
+    frames: int = 9,
 ) -> tuple[Callable[[], Any], torch.Tensor]:
-    """A call of ``model`` (a UNet2DConditionModel or FluxTransformer2DModel) on structured inputs for an image
-    of height×width, and the latent behind it as (C, h, w) for pictures."""
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    """A call of ``model`` (SDXL/SD UNet, Flux, SD3 or Wan transformer) on structured inputs for an image of
+    height×width (a video of ``frames`` frames for Wan), and the latent behind it as (C, h, w) for pictures (a
+    video's first latent frame)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, WanTransformer3DModel
 
     gen = torch.Generator().manual_seed(seed + 1)
     parameter = next(model.parameters())
@@ -58,4 +66,29 @@ def denoiser_inputs(
         if cfg.guidance_embeds:
             inputs["guidance"] = put(torch.full((batch,), 3.5))
         return (lambda: model(**inputs)), tokens[0].T.reshape(-1, h, w)
-    raise TokredError(f"bench handles UNet2DConditionModel and FluxTransformer2DModel, not {type(model).__name__}")
+    if isinstance(model, SD3Transformer2DModel):  # latents at 1/8 of the image, patches of 2x2
+        cfg = model.config
+        latent = put(smooth_latents(batch, cfg.in_channels, height // 8, width // 8, seed=seed))
+        inputs = {
+            "hidden_states": latent,
+            "encoder_hidden_states": put(torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=gen)),
+            "pooled_projections": put(torch.randn(batch, cfg.pooled_projection_dim, generator=gen)),
+            "timestep": put(torch.full((batch,), 500.0)),
+        }
+        return (lambda: model(**inputs)), latent[0]
+    if isinstance(model, WanTransformer3DModel):  # latents at 1/8 of the frame size, frames 4k+1 -> k+1
+        cfg = model.config
+        latent_frames = (frames - 1) // 4 + 1
+        h, w = height // 8, width // 8
+        tokens = smooth_tokens((h, w), cfg.in_channels, batch=batch * latent_frames, seed=seed)
+        video = tokens.view(batch, latent_frames, h, w, cfg.in_channels).permute(0, 4, 1, 2, 3).contiguous()
+        video = put(video)
+        inputs = {
+            "hidden_states": video,
+            "timestep": put(torch.full((batch,), 500.0)),
+            "encoder_hidden_states": put(torch.randn(batch, text_tokens, cfg.text_dim, generator=gen)),
+        }
+        return (lambda: model(**inputs)), video[0, :, 0]
+    raise TokredError(
+        f"bench handles the SDXL/SD UNet and the Flux, SD3 and Wan transformers, not {type(model).__name__}"
+    )

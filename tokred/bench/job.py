@@ -47,8 +47,9 @@ class BenchConfig(BaseModel):
         description="other reduction settings laid over every tokred method's preset (flat keys such as "
         "sites=[attn1,ff] land here)",
     )
-    height: int = Field(1024, ge=64, description="image height (latents are height/8)")
-    width: int = Field(1024, ge=64)
+    height: int = Field(1024, ge=32, description="image height (latents are height/8)")
+    frames: int = Field(9, ge=1, description="video frames (Wan: latent frames are (frames-1)/4+1)")
+    width: int = Field(1024, ge=32)
     batch: int = Field(1, ge=1)
     text_tokens: int = Field(77, ge=1, description="text tokens of the conditioning")
     repeats: int = Field(2, ge=1, description="interleaved timed rounds (medians are reported)")
@@ -120,7 +121,8 @@ def method_overrides(config: BenchConfig) -> dict[str, Any]:
     return {**config.reduction, **({"ratio": config.ratio} if config.ratio is not None else {})}
 
 
-BENCH_MODEL_OPTIONS = {"random:sdxl": {"depth": 2}}
+#: what the built-in real-width sources run at when a bench names no options (CPU-sized)
+BENCH_MODEL_OPTIONS = {"random:sdxl": {"depth": 2}, "random:sd3": {"depth": 4}, "random:wan": {"depth": 2}}
 
 
 def model_options(config: BenchConfig) -> dict[str, Any]:
@@ -138,6 +140,7 @@ def denoiser_call(model: torch.nn.Module, config: BenchConfig) -> tuple[Callable
         batch=config.batch,
         text_tokens=config.text_tokens,
         seed=config.seed,
+        frames=config.frames,
     )
 
 

@@ -25,9 +25,10 @@ def destinations_picture(
     with torch.no_grad(), tokred.patched(model, "toma", **({"ratio": ratio} if ratio is not None else {})) as patch:
         call()
         plan = max(patch.engine.plans, key=lambda plan: plan.num_tokens)
-    h, w = plan.grid
+    h, w = plan.grid[-2:]  # a video's first frame
+    destinations = plan.destinations[0].cpu()
     kept = torch.zeros(h * w)
-    kept[plan.destinations[0].cpu()] = 1
+    kept[destinations[destinations < h * w]] = 1
     image = latent[:3].float().cpu()
     image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="area")[0]
     image = (image - image.amin()) / (image.amax() - image.amin()).clamp_min(1e-8)
@@ -38,7 +39,8 @@ def destinations_picture(
     shown = image * 0.2  # merged-away tokens dimmed, destinations in full colour
     shown[:, mask] = 0.35 + 0.65 * image[:, mask]
     axes[1].imshow(shown.permute(1, 2, 0).numpy(), interpolation="nearest")
-    axes[1].set_title(f"toma destinations (bright): {plan.num_destinations} of {plan.num_tokens} tokens", fontsize=10)
+    shown_of = f"{int(kept.sum())} of {h * w} tokens" + (" (first frame)" if len(plan.grid) == 3 else "")
+    axes[1].set_title(f"toma destinations (bright): {shown_of}", fontsize=10)
     for axis in axes:
         axis.set_xticks([])
         axis.set_yticks([])

@@ -54,6 +54,7 @@ class GenerateSettings(BaseModel):
     height: int | None = Field(None, ge=16, description="image height (the source's default when null)")
     width: int | None = Field(None, ge=16, description="image width (the source's default when null)")
     guidance_scale: float | None = Field(None, description="the pipeline's default when null")
+    frames: int | None = Field(None, ge=1, description="video frames (video models; the source's default when null)")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when there is one)")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="weights' dtype (local and hub models load in it): auto is bf16 on CUDA, fp32 on the CPU"

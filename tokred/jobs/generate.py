@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import platform
 import time
@@ -33,6 +34,11 @@ def prompts_of(config: GenerateSettings) -> list[str]:
     return [config.prompt] if isinstance(config.prompt, str) else list(config.prompt)
 
 
+def accepts(pipe: Any, name: str) -> bool:
+    """Whether the pipeline's call takes the keyword ``name``."""
+    return name in inspect.signature(type(pipe).__call__).parameters
+
+
 def pipeline_kwargs(config: GenerateSettings, pipe: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "prompt": prompts_of(config),
@@ -47,12 +53,15 @@ def pipeline_kwargs(config: GenerateSettings, pipe: Any) -> dict[str, Any]:
         kwargs["height"] = height
     if width is not None:
         kwargs["width"] = width
+    frames = config.frames or (builtin.default_frames if builtin else None)
+    if frames is not None and accepts(pipe, "num_frames"):
+        kwargs["num_frames"] = frames
     if config.negative_prompt is not None:
         kwargs["negative_prompt"] = config.negative_prompt
     if config.guidance_scale is not None:
         kwargs["guidance_scale"] = config.guidance_scale
-    if type(pipe).__name__.startswith("Flux"):
-        kwargs["max_sequence_length"] = 77 if config.model.startswith(("tiny:", "random:")) else 512
+    if builtin is not None and accepts(pipe, "max_sequence_length"):
+        kwargs["max_sequence_length"] = 77  # the built-ins' in-memory T5 tokenizers: short prompts
     return kwargs
 
 
@@ -69,7 +78,8 @@ def generate_with(pipe: Any, config: GenerateSettings) -> tuple[list[Any], dict[
     try:
         start = time.perf_counter()
         with torch.no_grad():
-            images = pipe(**pipeline_kwargs(config, pipe)).images
+            result = pipe(**pipeline_kwargs(config, pipe))
+        images = result.frames if hasattr(result, "frames") else result.images  # a video: a list of frames each
         seconds = time.perf_counter() - start
     finally:
         if patch is not None:
@@ -79,14 +89,17 @@ def generate_with(pipe: Any, config: GenerateSettings) -> tuple[list[Any], dict[
 
 
 def write_run(out_dir: Path, config: GenerateSettings, images: list[Any], record: dict[str, Any]) -> Path:
-    """PNGs and record.json, published whole into ``out_dir`` (never half-written)."""
+    """PNGs (a GIF and a frame strip PNG per video) and record.json, published whole into ``out_dir``."""
 
     def write(partial: Path) -> Path:
         names = []
         for index, image in enumerate(images):
-            name = f"{index:03d}.png"
-            image.save(partial / name)
-            names.append(name)
+            if isinstance(image, list):  # a video: its frames
+                names += write_video(partial, f"{index:03d}", image)
+            else:
+                name = f"{index:03d}.png"
+                image.save(partial / name)
+                names.append(name)
         full = {
             "config": config_to_dict(config),
             "images": names,
@@ -98,6 +111,20 @@ def write_run(out_dir: Path, config: GenerateSettings, images: list[Any], record
         return out_dir
 
     return publish_dir(out_dir, write)
+
+
+def write_video(directory: Path, stem: str, frames: list[Any]) -> list[str]:
+    """``stem.gif`` (the clip, 8 frames a second) and ``stem_frames.png`` (its frames side by side)."""
+    from PIL import Image
+
+    gif, strip = f"{stem}.gif", f"{stem}_frames.png"
+    frames[0].save(directory / gif, save_all=True, append_images=frames[1:], duration=125, loop=0)
+    width, height = frames[0].size
+    sheet = Image.new("RGB", (width * len(frames), height))
+    for position, frame in enumerate(frames):
+        sheet.paste(frame, (position * width, 0))
+    sheet.save(directory / strip)
+    return [gif, strip]
 
 
 def run_generate(config: GenerateSettings, out_dir: Path) -> dict[str, Any]:

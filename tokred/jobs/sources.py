@@ -29,13 +29,22 @@ class RandomFluxOptions(Options):
     single: int = Field(4, ge=0, le=38, description="single blocks (FLUX.1: 38)")
 
 
+class RandomSD3Options(Options):
+    depth: int = Field(38, ge=1, le=38, description="joint blocks (SD3.5 large: 38)")
+
+
+class RandomWanOptions(Options):
+    depth: int = Field(40, ge=1, le=40, description="blocks (Wan 2.1 14B: 40)")
+
+
 @dataclass(frozen=True)
 class BuiltinSource:
     name: str
-    family: str  # sdxl | flux
+    family: str  # sdxl | flux | sd3 | wan
     description: str
     options: type[Options]
     default_size: int
+    default_frames: int | None = None  # video sources
 
 
 BUILTIN_SOURCES: dict[str, BuiltinSource] = {
@@ -56,6 +65,23 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
             "FLUX.1 width (24 heads x 128), random weights; options double, single",
             RandomFluxOptions,
             1024,
+        ),
+        BuiltinSource("tiny:sd3", "sd3", "SD3.5 layout at test widths (seconds on a CPU)", NoOptions, 128),
+        BuiltinSource(
+            "random:sd3",
+            "sd3",
+            "SD3.5 large's transformer config, random weights; option depth",
+            RandomSD3Options,
+            1024,
+        ),
+        BuiltinSource("tiny:wan", "wan", "Wan 2.x video layout at test widths (seconds on a CPU)", NoOptions, 64, 9),
+        BuiltinSource(
+            "random:wan",
+            "wan",
+            "Wan 2.1 14B's transformer config, random weights; option depth (frames: the job's frames)",
+            RandomWanOptions,
+            480,
+            81,
         ),
     )
 }
@@ -193,6 +219,76 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     return resolved, chosen
 
 
+def random_sd3_transformer(options: RandomSD3Options, seed: int = 0, **where: Any):  # type: ignore[no-untyped-def]
+    from tokred.jobs.testbed import SD35_LARGE_CONFIG, sd3_transformer
+
+    return sd3_transformer(SD35_LARGE_CONFIG, seed=seed, num_layers=options.depth, **where)
+
+
+def random_wan_transformer(options: RandomWanOptions, seed: int = 0, **where: Any):  # type: ignore[no-untyped-def]
+    from tokred.jobs.testbed import WAN21_14B_CONFIG, wan_transformer
+
+    return wan_transformer(WAN21_14B_CONFIG, seed=seed, num_layers=options.depth, **where)
+
+
+def _random_sd3_pipeline(options: RandomSD3Options, seed: int):  # type: ignore[no-untyped-def]
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from tokred.jobs.testbed import clip_tokenizer, t5_encoder, t5_tokenizer, tiny_clip_config, tiny_vae
+
+    transformer = random_sd3_transformer(options, seed)
+    torch.manual_seed(seed + 1)
+    clips = []
+    for hidden in (768, 1280):  # CLIP-L and CLIP-G widths: pooled 768 + 1280 = the transformer's 2048
+        config = tiny_clip_config(hidden)
+        config.projection_dim = hidden
+        clips.append(CLIPTextModelWithProjection(config).eval())
+    t5 = t5_encoder(d_model=4096, d_ff=64, d_kv=64, num_layers=1, num_heads=2)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(1.5035, 0.0609, latent_channels=16),
+        text_encoder=clips[0],
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=clips[1],
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer(),
+    )
+
+
+def _random_wan_pipeline(options: RandomWanOptions, seed: int):  # type: ignore[no-untyped-def]
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from tokred.jobs.testbed import t5_tokenizer, tiny_wan_vae
+
+    transformer = random_wan_transformer(options, seed)
+    torch.manual_seed(seed + 1)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=1000,
+            d_model=4096,
+            d_ff=64,
+            d_kv=64,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    return WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=text_encoder,
+        vae=tiny_wan_vae(z_dim=16),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+
+
 def load_pipeline(  # type: ignore[no-untyped-def]
     name: str, options: dict[str, Any] | None = None, *, seed: int = 0, dtype: torch.dtype | None = None
 ):
@@ -208,9 +304,13 @@ def load_pipeline(  # type: ignore[no-untyped-def]
             "tiny:flux": lambda: testbed.tiny_flux_pipeline(seed=seed),
             "random:sdxl": lambda: _random_sdxl_pipeline(validated, seed),  # type: ignore[arg-type]
             "random:flux": lambda: _random_flux_pipeline(validated, seed),  # type: ignore[arg-type]
+            "tiny:sd3": lambda: testbed.tiny_sd3_pipeline(seed=seed),
+            "tiny:wan": lambda: testbed.tiny_wan_pipeline(seed=seed),
+            "random:sd3": lambda: _random_sd3_pipeline(validated, seed),  # type: ignore[arg-type]
+            "random:wan": lambda: _random_wan_pipeline(validated, seed),  # type: ignore[arg-type]
         }
         pipe = builders[name]()
-        if dtype is not None:
+        if dtype is not None and dtype != torch.float32:  # built-ins are made in float32
             pipe = pipe.to(dtype=dtype)
     else:
         from diffusers import DiffusionPipeline
@@ -249,6 +349,18 @@ def load_denoiser(
         from tokred.jobs.testbed import TINY_FLUX_CONFIG, flux_transformer
 
         return flux_transformer(TINY_FLUX_CONFIG, seed=seed, **where)
+    if name == "random:sd3":
+        return random_sd3_transformer(validated, seed, **where)  # type: ignore[arg-type]
+    if name == "random:wan":
+        return random_wan_transformer(validated, seed, **where)  # type: ignore[arg-type]
+    if name == "tiny:sd3":
+        from tokred.jobs.testbed import TINY_SD3_CONFIG, sd3_transformer
+
+        return sd3_transformer(TINY_SD3_CONFIG, seed=seed, **where)
+    if name == "tiny:wan":
+        from tokred.jobs.testbed import TINY_WAN_CONFIG, wan_transformer
+
+        return wan_transformer(TINY_WAN_CONFIG, seed=seed, **where)
     pipe = load_pipeline(name, options, seed=seed, dtype=dtype)
     from tokred.api import find_denoiser
 

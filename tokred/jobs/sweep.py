@@ -182,6 +182,12 @@ def run_sweep(
     return summary
 
 
+def _first_picture(item: Path) -> Path:
+    """The first image of an item, or the frame strip of its first video."""
+    still = item / "000.png"
+    return still if still.is_file() else item / "000_frames.png"
+
+
 def merge_results(out_dir: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rank 0: one row per item (in grid order) from every rank's JSONL, with PSNR/SSIM against the baseline
     item of the same seed and prompt when the grid has one."""
@@ -197,8 +203,8 @@ def merge_results(out_dir: Path, items: list[dict[str, Any]]) -> list[dict[str, 
         row = dict(rows[item["id"]])
         base_id = baselines.get((row["seed"], row["prompt"]))
         if base_id is not None:
-            a = load_image(out_dir / "items" / row["id"] / "000.png")
-            b = load_image(out_dir / "items" / base_id / "000.png")
+            a = load_image(_first_picture(out_dir / "items" / row["id"]))
+            b = load_image(_first_picture(out_dir / "items" / base_id))
             row["psnr"], row["ssim"] = psnr(a, b), ssim(a, b)
         table.append(row)
     partial = out_dir / "results.jsonl.partial"

@@ -253,3 +253,283 @@ def tiny_flux_pipeline(*, text_encoders: bool = True, seed: int = 0):  # type: i
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --- SD3 / SD3.5 --------------------------------------------------------------------------------------------------
+
+#: SD3.5-medium-like at test widths: dual attention in block 0, RMS qk-norm
+TINY_SD3_CONFIG: dict[str, Any] = {
+    "sample_size": 32,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 64,
+    "out_channels": 4,
+    "pos_embed_max_size": 48,
+    "dual_attention_layers": (0,),
+    "qk_norm": "rms_norm",
+}
+
+#: Stable Diffusion 3.5 large's transformer (38 joint blocks, 38 heads x 64)
+SD35_LARGE_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 38,
+    "attention_head_dim": 64,
+    "num_attention_heads": 38,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+    "dual_attention_layers": (),
+    "qk_norm": "rms_norm",
+}
+
+
+def sd3_transformer(  # type: ignore[no-untyped-def]
+    config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
+):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return built_on(device, dtype, lambda: SD3Transformer2DModel(**{**config, **changes}))
+
+
+def tiny_sd3_pipeline(*, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A StableDiffusion3Pipeline with the SD3.5 layout at test widths and offline text encoders (two CLIPs, T5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    transformer = sd3_transformer(TINY_SD3_CONFIG, seed=seed)
+    torch.manual_seed(seed + 1)
+    te1 = CLIPTextModelWithProjection(tiny_clip_config()).eval()
+    te2 = CLIPTextModelWithProjection(tiny_clip_config()).eval()
+    te3 = t5_encoder(d_model=64, d_ff=37, d_kv=8, num_layers=2, num_heads=4)
+    torch.manual_seed(seed + 2)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(1.5035, 0.0609),
+        text_encoder=te1,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=te2,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=te3,
+        tokenizer_3=t5_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --- Flux.2 ---------------------------------------------------------------------------------------------------------
+
+TINY_FLUX2_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "timestep_guidance_channels": 32,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (4, 4, 4, 4),
+    "rope_theta": 2000,
+    "guidance_embeds": True,
+}
+
+#: FLUX.2-dev's transformer: 8 double and 48 single blocks, 48 heads x 128
+FLUX2_DEV_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "attention_head_dim": 128,
+    "num_attention_heads": 48,
+    "joint_attention_dim": 15360,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (32, 32, 32, 32),
+    "rope_theta": 2000,
+    "eps": 1e-6,
+}
+
+
+def flux2_transformer(  # type: ignore[no-untyped-def]
+    config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
+):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return built_on(device, dtype, lambda: Flux2Transformer2DModel(**{**config, **changes}))
+
+
+def tiny_flux2_pipeline(*, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A Flux2Pipeline at test widths, without a text encoder: call it with ``prompt_embeds`` (B, L, 24)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    transformer = flux2_transformer(TINY_FLUX2_CONFIG, seed=seed)
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).eval()
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --- QwenImage ------------------------------------------------------------------------------------------------------
+
+TINY_QWEN_IMAGE_CONFIG: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "guidance_embeds": False,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
+def qwen_image_transformer(  # type: ignore[no-untyped-def]
+    config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
+):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return built_on(device, dtype, lambda: QwenImageTransformer2DModel(**{**config, **changes}))
+
+
+def tiny_qwen_image_pipeline(*, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A QwenImagePipeline at test widths, without a text encoder: call it with ``prompt_embeds`` (B, L, 24) and
+    ``prompt_embeds_mask``."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    transformer = qwen_image_transformer(TINY_QWEN_IMAGE_CONFIG, seed=seed)
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --- Wan 2.x (video) ---------------------------------------------------------------------------------------------
+
+TINY_WAN_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 16,
+    "freq_dim": 32,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+}
+
+#: Wan 2.1 text-to-video 14B's transformer: 40 blocks, 40 heads x 128
+WAN21_14B_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+
+
+def wan_transformer(  # type: ignore[no-untyped-def]
+    config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
+):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return built_on(device, dtype, lambda: WanTransformer3DModel(**{**config, **changes}))
+
+
+def tiny_wan_vae(z_dim: int = 4):  # type: ignore[no-untyped-def]
+    """A Wan video VAE at test widths: 4x spatial, 4x temporal compression (frames 4k+1 -> k+1 latent frames)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+        scale_factor_temporal=2,
+        scale_factor_spatial=4,
+    ).eval()
+
+
+def tiny_wan_pipeline(*, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A WanPipeline at test widths with an offline UMT5 text encoder (prompt strings work)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    transformer = wan_transformer(TINY_WAN_CONFIG, seed=seed)
+    torch.manual_seed(seed + 1)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=1000,
+            d_model=16,
+            d_ff=32,
+            d_kv=8,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    torch.manual_seed(seed + 2)
+    pipe = WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=text_encoder,
+        vae=tiny_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

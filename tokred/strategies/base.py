@@ -1,6 +1,7 @@
 """What strategies see and return: group layouts, the selection context, and merge maps.
 
-A **locality** turns a site's h×w token grid into a :class:`GroupLayout` (padded groups with a validity mask,
+A **locality** turns a site's token grid — h×w for images, f×h×w for video — into a :class:`GroupLayout`
+(padded groups with a validity mask,
 so every group is processed in one batched tensor). A **selector** reads a :class:`SelectionContext` and
 returns, per batch element and group, the slots of its destinations. A **merge op** turns the context and
 those destinations into :class:`GroupMaps`.
@@ -8,6 +9,7 @@ those destinations into :class:`GroupMaps`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol, runtime_checkable
@@ -15,33 +17,45 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+Grid = tuple[int, ...]
+
+
+def as_frames(grid: Grid) -> tuple[int, int, int]:
+    """(f, h, w) of an image (h, w) or video (f, h, w) grid; an image is one frame."""
+    if len(grid) == 2:
+        return 1, int(grid[0]), int(grid[1])
+    if len(grid) == 3:
+        return int(grid[0]), int(grid[1]), int(grid[2])
+    raise ValueError(f"a grid is (h, w) or (frames, h, w), got {grid}")
+
 
 @dataclass(frozen=True, eq=False)
 class GroupLayout:
-    """A partition of an h×w grid (row-major tokens) into groups, padded to the largest group.
+    """A partition of an h×w (or f×h×w) grid of tokens, in row-major order, into groups padded to the largest.
 
     Attributes:
-        grid: (h, w).
+        grid: (h, w), or (frames, h, w) for video.
         index: (G, n) token index at each slot of each group; a padded slot repeats a token of its group.
         valid: (G, n) which slots hold a token of their own.
+        tile: the tile shape (same length as ``grid``) when the groups are exact tiles numbered row-major.
     """
 
-    grid: tuple[int, int]
+    grid: Grid
     index: Tensor
     valid: Tensor
-    tile: tuple[int, int] | None = None
+    tile: Grid | None = None
 
     @classmethod
-    def from_group_ids(
-        cls, grid: tuple[int, int], group_of_token: Tensor, tile: tuple[int, int] | None = None
-    ) -> GroupLayout:
+    def from_group_ids(cls, grid: Grid, group_of_token: Tensor, tile: Grid | None = None) -> GroupLayout:
         """Build the layout from each token's group id (ids 0..G-1, every id used).
 
-        ``tile`` declares that the groups are exact t_h×t_w tiles numbered row-major (t_h divides h, t_w
-        divides w): slots are then reached by a reshape instead of a gather.
+        ``tile`` declares that the groups are exact tiles numbered row-major (each tile dim divides the grid's):
+        slots are then reached by a reshape instead of a gather.
         """
+        grid = tuple(int(v) for v in grid)
+        as_frames(grid)
         group_of_token = group_of_token.to(torch.long).cpu()
-        num_tokens = grid[0] * grid[1]
+        num_tokens = math.prod(grid)
         if group_of_token.shape != (num_tokens,):
             raise ValueError(f"need one group id per token ({num_tokens}), got shape {tuple(group_of_token.shape)}")
         num_groups = int(group_of_token.max()) + 1
@@ -55,14 +69,14 @@ class GroupLayout:
         index = order[starts].unsqueeze(1).repeat(1, size)  # pad with the group's first token
         index[group_of_token[order], rank] = order
         valid = torch.arange(size).unsqueeze(0) < counts.unsqueeze(1)
-        layout = cls(grid=(int(grid[0]), int(grid[1])), index=index, valid=valid, tile=tile)
+        layout = cls(grid=grid, index=index, valid=valid, tile=tile)
         for name in _DERIVED:  # computed now, so applying a plan never computes them
             getattr(layout, name)
         return layout
 
     @property
     def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return math.prod(self.grid)
 
     @property
     def num_groups(self) -> int:
@@ -92,8 +106,16 @@ class GroupLayout:
 
     @cached_property
     def coords(self) -> Tensor:
-        """(G, n, 2) the (row, column) of the token at each slot."""
-        return torch.stack((self.index // self.grid[1], self.index % self.grid[1]), dim=-1)
+        """(G, n, 2) the (row, column) of the token at each slot (within its frame, for video)."""
+        _, h, w = as_frames(self.grid)
+        within = self.index % (h * w)
+        return torch.stack((within // w, within % w), dim=-1)
+
+    @cached_property
+    def frames(self) -> Tensor:
+        """(G, n) the frame of the token at each slot (0 for images)."""
+        _, h, w = as_frames(self.grid)
+        return self.index // (h * w)
 
     @cached_property
     def trivial_order(self) -> bool:
@@ -128,8 +150,8 @@ class GroupLayout:
         if self.trivial_order:
             return x.view(batch, self.num_groups, self.group_size, channels)
         if self.tile is not None:
-            (h, w), (th, tw) = self.grid, self.tile
-            tiles = x.view(batch, h // th, th, w // tw, tw, channels).permute(0, 1, 3, 2, 4, 5)
+            (f, h, w), (tf, th, tw) = as_frames(self.grid), as_frames(self.tile)
+            tiles = x.view(batch, f // tf, tf, h // th, th, w // tw, tw, channels).permute(0, 1, 3, 5, 2, 4, 6, 7)
             return tiles.reshape(batch, self.num_groups, self.group_size, channels)
         return take_rows(x, self.index.flatten()).view(batch, self.num_groups, self.group_size, channels)
 
@@ -139,9 +161,9 @@ class GroupLayout:
         if self.trivial_order:
             return slots.reshape(batch, self.num_tokens, channels)
         if self.tile is not None:
-            (h, w), (th, tw) = self.grid, self.tile
-            tiles = slots.view(batch, h // th, w // tw, th, tw, channels).permute(0, 1, 3, 2, 4, 5)
-            return tiles.reshape(batch, self.num_tokens, channels)
+            (f, h, w), (tf, th, tw) = as_frames(self.grid), as_frames(self.tile)
+            tiles = slots.view(batch, f // tf, h // th, w // tw, tf, th, tw, channels)
+            return tiles.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, self.num_tokens, channels)
         return take_rows(slots.reshape(batch, -1, channels), self.inverse)
 
 
@@ -157,7 +179,7 @@ def take_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(batch * n, channels).index_select(0, flat).view(batch, -1, channels)
 
 
-_DERIVED = ("counts", "regular", "inverse", "coords", "trivial_order")
+_DERIVED = ("counts", "regular", "inverse", "coords", "frames", "trivial_order")
 
 
 def one_hot(index: Tensor, classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -392,7 +414,7 @@ class MergeOp(Protocol):
 class Locality(Protocol):
     """Partitions an h×w grid into groups: ``partition((h, w)) -> GroupLayout``."""
 
-    def partition(self, grid: tuple[int, int]) -> GroupLayout: ...
+    def partition(self, grid: Grid) -> GroupLayout: ...
 
 
 @dataclass(frozen=True)
@@ -420,4 +442,4 @@ class Schedule(Protocol):
 
     def rebuilds(self, step: int, built_at: int | None) -> bool: ...
 
-    def share_key(self, site: SiteInfo, grid: tuple[int, int]) -> object: ...
+    def share_key(self, site: SiteInfo, grid: Grid) -> object: ...

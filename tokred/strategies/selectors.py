@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
-from typing import Literal
+import itertools
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, PositiveInt
 from torch import Tensor
 
 from tokred.registry import Options
-from tokred.strategies.base import SelectionContext, select_by_priority
+from tokred.strategies.base import SelectionContext, as_frames, select_by_priority
 from tokred.strategies.facility_location import (
     greedy_facility_location,
     nonnegative_similarity,
@@ -74,13 +75,13 @@ class RandomSelector:
 
 
 @functools.lru_cache(maxsize=64)
-def spread_order(stride_h: int, stride_w: int) -> tuple[int, ...]:
-    """The phases of an s_h×s_w cell, each next one farthest (on the torus) from those already taken."""
-    phases = [(r, c) for r in range(stride_h) for c in range(stride_w)]
+def spread_order(*stride: int) -> tuple[int, ...]:
+    """The phases of a cell of ``stride`` (s_h, s_w) or (s_f, s_h, s_w), each next one farthest (on the torus) from
+    those already taken; returns each phase's rank (phases numbered row-major)."""
+    phases = [tuple(p) for p in itertools.product(*(range(n) for n in stride))]
 
-    def dist(a: tuple[int, int], b: tuple[int, int]) -> int:
-        dr, dc = abs(a[0] - b[0]), abs(a[1] - b[1])
-        return min(dr, stride_h - dr) ** 2 + min(dc, stride_w - dc) ** 2
+    def dist(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+        return sum(min(abs(x - y), n - abs(x - y)) ** 2 for x, y, n in zip(a, b, stride, strict=True))
 
     order = [0]
     while len(order) < len(phases):
@@ -92,42 +93,56 @@ def spread_order(stride_h: int, stride_w: int) -> tuple[int, ...]:
     return tuple(rank)
 
 
+#: (h, w) or (frames, h, w)
+Stride = Annotated[tuple[PositiveInt, ...], Field(min_length=2, max_length=3)]
+
+
 class GridSelector:
-    """One destination per s_h×s_w cell first (ToMeSD/ToDo-like), then the cells' other phases, spread out."""
+    """One destination per s_h×s_w cell first (s_f×s_h×s_w on video; ToMeSD/ToDo-like), then the cells' other
+    phases, spread out."""
 
     class Options(Options):
-        stride: tuple[PositiveInt, PositiveInt] = Field((2, 2), description="cell height and width, in tokens")
+        stride: Stride = Field(
+            (2, 2), description="cell height and width in tokens, or frames, height and width (video)"
+        )
         random_offset: bool = Field(False, description="pick the position inside each cell at random")
         seed: int = Field(0, description="seed for random_offset")
 
     def __init__(self, options: GridSelector.Options) -> None:
-        self.stride = options.stride
+        self.stride = tuple(options.stride)
         self.random_offset = options.random_offset
         self.seed = options.seed
 
     def priority(self, ctx: SelectionContext) -> Tensor:
         """(G, n) or (B, G, n) integer priorities: phase rank inside the cell, then a spread order of cells."""
-        sh, sw = self.stride
-        h, w = ctx.layout.grid
+        f, h, w = as_frames(ctx.layout.grid)
+        sf, sh, sw = as_frames(self.stride)
+        sf = min(sf, f)
         rows, cols = ctx.layout.coords.unbind(-1)
-        phase = (rows % sh) * sw + cols % sw
-        cells_w = -(-w // sw)
-        num_cells = -(-h // sh) * cells_w
-        cell = (rows // sh) * cells_w + cols // sw
+        frames = ctx.layout.frames
+        phase = ((frames % sf) * sh + rows % sh) * sw + cols % sw
+        cells_w, cells_h = -(-w // sw), -(-h // sh)
+        num_cells = -(-f // sf) * cells_h * cells_w
+        cell = ((frames // sf) * cells_h + rows // sh) * cells_w + cols // sw
+        phases = sf * sh * sw
         device = ctx.features.device
         if self.random_offset:
-            draw = torch.rand((ctx.batch_size, num_cells, sh * sw), generator=_generator(ctx, self.seed), device=device)
+            draw = torch.rand((ctx.batch_size, num_cells, phases), generator=_generator(ctx, self.seed), device=device)
             # phases that fall outside the grid (edge cells) must rank last, or an edge cell may get nothing
-            phases, cells = torch.arange(sh * sw, device=device), torch.arange(num_cells, device=device)
-            outside = ((cells // cells_w * sh).unsqueeze(1) + phases // sw >= h) | (
-                (cells % cells_w * sw).unsqueeze(1) + phases % sw >= w
+            p, c = torch.arange(phases, device=device), torch.arange(num_cells, device=device)
+            p_f, p_r, p_c = p // (sh * sw), p // sw % sh, p % sw
+            c_f, c_r, c_c = c // (cells_h * cells_w), c // cells_w % cells_h, c % cells_w
+            outside = (
+                ((c_f * sf).unsqueeze(1) + p_f >= f)
+                | ((c_r * sh).unsqueeze(1) + p_r >= h)
+                | ((c_c * sw).unsqueeze(1) + p_c >= w)
             )
             draw = draw.masked_fill(outside, 2.0)
             ranks = draw.argsort(-1).argsort(-1)  # a random phase order per cell and batch element
             batch = torch.arange(ctx.batch_size, device=device).view(-1, 1, 1)
             phase_rank = ranks[batch, cell.unsqueeze(0), phase.unsqueeze(0)]
         else:
-            phase_rank = torch.tensor(spread_order(sh, sw), device=device)[phase]
+            phase_rank = torch.tensor(spread_order(sf, sh, sw), device=device)[phase]
         # a fixed pseudo-random order of cells spreads a partial phase over the whole grid
         cell_order = torch.randperm(num_cells, generator=torch.Generator().manual_seed(num_cells)).to(device)
         return phase_rank * num_cells + cell_order[cell]
