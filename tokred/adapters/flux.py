@@ -36,12 +36,20 @@ from torch import Tensor
 
 from tokred.adapters.attention import AttentionSite, active_backend, attend, gather_positions, rotate
 from tokred.adapters.base import Adapter, BlockPattern, Grid, SiteRule
-from tokred.adapters.hooks import GridCell, ModuleSite, TokenSiteHook, argument
+from tokred.adapters.hooks import GridCell, Site, TokenSiteHook, _forget, argument, foreign_hooks, records
 from tokred.engine import Engine
 from tokred.plan import MergePlan
 from tokred.strategies.base import SiteInfo
 
 Rope = tuple[Tensor, Tensor]
+
+
+def context_shards(model: torch.nn.Module | None) -> int:
+    """How many ranks diffusers' context parallelism splits the sequence over (1 without it)."""
+    config = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    if config is None:
+        return 1
+    return int(config.ulysses_degree or 1) * int(config.ring_degree or 1)
 
 
 def grid_from_ids(img_ids: Tensor | None) -> tuple[Grid, int] | None:
@@ -127,7 +135,7 @@ def unmerge_stream(plan: MergePlan, image: Tensor) -> Tensor:
 
 class FluxAttentionSite(AttentionSite):
     """A Flux attention: the joint attention of a double block (``tokens`` or ``kv`` mode) or a single block's
-    attention (``kv`` mode; in ``tokens`` mode it only serves the enclosing :class:`FluxSingleBlockSite`)."""
+    attention (``kv`` mode; in ``tokens`` mode it serves the enclosing :class:`FluxSingleBlockSite`)."""
 
     #: diffusers' Q/K/V projection helper of the family (Flux.2 has its own, with the same contract)
     projections = staticmethod(_get_qkv_projections)
@@ -155,11 +163,12 @@ class FluxAttentionSite(AttentionSite):
         if self.cell.grid is None and not self.inner:
             self.plan(hidden_states)  # counted as skipped: the image tokens are no grid
             return unchanged()
-        if self.inner:
-            if self.outer is None:
-                return unchanged()
-            plan, text_len = self.outer
-            return self.attention(original, attn, hidden_states, None, image_rotary_emb, plan, text_len)
+        if self.inner:  # a single block's attention: its stream is [text, image, extra]
+            if self.outer is not None:  # merged by the enclosing block site
+                plan, text_len = self.outer
+                rope = gather_rope(image_rotary_emb, text_len, plan.destinations, self.cell.tokens, self.cell.extra)
+                return self.attention(original, attn, hidden_states, None, rope, plan, text_len)
+            return self.merged_single(original, attn, hidden_states, image_rotary_emb, unchanged)
         text = encoder_hidden_states
         if self.mode == "kv":
             return self.reduced_kv(original, attn, hidden_states, text, image_rotary_emb, unchanged)
@@ -174,6 +183,22 @@ class FluxAttentionSite(AttentionSite):
         rope = gather_rope(image_rotary_emb, text.shape[1], plan.destinations, grid_part.shape[1], self.cell.extra)
         image_out, text_out = self.attention(original, attn, stream, text, rope, plan, text.shape[1])
         return unmerge_stream(plan, image_out), text_out
+
+    def merged_single(self, original: Any, attn: torch.nn.Module, hidden: Tensor, rope: Rope, unchanged: Any) -> Any:
+        """A single block's attention merging and unmerging within its own call (a cache hook sits on it)."""
+        tokens, extra = self.cell.tokens, self.cell.extra
+        text_len = hidden.shape[1] - tokens - extra
+        if self.cell.grid is None or text_len < 0:
+            return unchanged()
+        grid_part = hidden[:, text_len : text_len + tokens]
+        plan = self.plan(grid_part)
+        if plan is None:
+            return unchanged()
+        stream = torch.cat((hidden[:, :text_len], plan.merge(grid_part), hidden[:, text_len + tokens :]), dim=1)
+        rope = gather_rope(rope, text_len, plan.destinations, tokens, extra)
+        out = self.attention(original, attn, stream, None, rope, plan, text_len)
+        d = plan.num_destinations
+        return torch.cat((out[:, :text_len], plan.unmerge(out[:, text_len : text_len + d]), out[:, text_len + d :]), 1)
 
     def attention(
         self,
@@ -252,62 +277,76 @@ class FluxAttentionSite(AttentionSite):
         return (unmerge_stream(pending, image), text, *(unmerge_stream(pending, r) for r in rest))
 
 
-class FluxSingleBlockSite(ModuleSite):
-    """A whole single block in ``tokens`` mode, on the merged image tokens; only its update is unmerged. Its
-    attention's processor (a :class:`FluxAttentionSite` serving this site) applies the per-sample RoPE."""
+class FluxSingleBlockSite(Site):
+    """A single block in ``tokens`` mode: attention and parallel MLP on the merged image tokens, only the block's
+    update unmerged — out = x + gate·U(f(M·n(x))), n the block's norm.
+
+    It works through the block's own sub-modules, so that a cache that skips the block skips tokred with it: a hook
+    after ``norm`` merges the image part of its output, the attention's processor (a :class:`FluxAttentionSite`
+    serving this site) applies RoPE per sample and weighs merged keys, and a hook after ``proj_out`` unmerges the
+    image part of the update, which the block then gates and adds to its full residual stream. When a cache hook
+    sits on the attention itself (pyramid attention broadcast, TaylorSeer, FasterCache), whose cached outputs must
+    keep one shape, the attention merges and unmerges inside its own call instead (the MLP then runs in full).
+    """
 
     def __init__(self, engine: Engine, site: SiteInfo, cell: GridCell) -> None:
         super().__init__(engine, site, cell)
-        self.attention = FluxAttentionSite(
-            engine, SiteInfo(f"{site.name}.attn", "attn1", site.family, site.block), cell
-        )
-        self.attention.inner = True
-        cell.slots.remove(self.attention.slot)  # it has no plan of its own
-        self._pending: Any = None
+        inner = SiteInfo(f"{site.name}.attn", "attn1", site.family, site.block)
+        self.attention = FluxAttentionSite(engine, inner, cell, inner=True)
+        cell.slots.remove(self.attention.slot)  # compiled blocks: only the block site's plan is prepared
+        self.handles: tuple[Any, ...] = ()
+        self.block: torch.nn.Module | None = None
+        self._pending: tuple[MergePlan, int] | None = None
 
     def register(self, module: torch.nn.Module) -> None:
-        super().register(module)
+        if self.name in records(module):
+            raise ValueError(f"{type(module).__name__} already has a {self.name} hook")
+        self.block = module
+        self.handles = (
+            module.norm.register_forward_hook(self._after_norm),
+            module.proj_out.register_forward_hook(self._after_update),
+        )
         self.attention.register(module.attn)
+        records(module)[self.name] = self
 
     def remove(self, module: torch.nn.Module) -> None:
+        for handle in self.handles:
+            handle.remove()
         self.attention.remove(module.attn)
-        super().remove(module)
+        _forget(module, self.name)
 
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
+    def in_place(self, module: torch.nn.Module) -> bool:
+        return self.handles[0].id in module.norm._forward_hooks and self.attention.in_place(module.attn)
+
+    def _after_norm(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         self._pending = None
         self.attention.outer = None
-        hidden = kwargs.get("hidden_states")
-        text = kwargs.get("encoder_hidden_states")
-        rope = kwargs.get("image_rotary_emb")
-        if args or not isinstance(hidden, Tensor) or not isinstance(text, Tensor) or rope is None:
-            return args, kwargs  # positional calls run unchanged
-        if self.attention.processor is None:
-            return args, kwargs  # an IP-adapter-style module processor on a single block: not merged here
-        grid_part, extra = self.split(hidden)
-        plan = self.plan(grid_part)
+        if not isinstance(output, tuple) or self.attention.processor is None or foreign_hooks(self.block.attn):
+            return None  # (a cache on the attention: it merges inside its own call)
+        normed, gate = output
+        text_len = normed.shape[1] - self.cell.tokens - self.cell.extra
+        if self.cell.grid is None or text_len < 0:
+            self.plan(normed)  # counted as skipped
+            return None
+        tokens = self.cell.tokens
+        plan = self.plan(normed[:, text_len : text_len + tokens])
         if plan is None:
-            return args, kwargs
-        merged = plan.merge(grid_part)
-        stream = merged if extra is None else torch.cat((merged, extra), dim=1)
-        self._pending = (plan, grid_part, merged)
-        self.attention.outer = (plan, text.shape[1])
-        rope = gather_rope(rope, text.shape[1], plan.destinations, grid_part.shape[1], self.cell.extra)
-        return args, {**kwargs, "hidden_states": stream, "image_rotary_emb": rope}
+            return None
+        grid_part = normed[:, text_len : text_len + tokens]
+        stream = torch.cat((normed[:, :text_len], plan.merge(grid_part), normed[:, text_len + tokens :]), dim=1)
+        self._pending = (plan, text_len)
+        self.attention.outer = (plan, text_len)
+        return stream, gate
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+    def _after_update(self, module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
         pending, self._pending = self._pending, None
         self.attention.outer = None
         if pending is None:
-            return output
-        plan, grid_part, merged = pending
-        text_out, image_out = output
+            return None
+        plan, text_len = pending
         d = plan.num_destinations
-        out = grid_part + plan.unmerge(image_out[:, :d] - merged)
-        if image_out.shape[1] > d:
-            out = torch.cat((out, image_out[:, d:]), dim=1)
-        if out.dtype == torch.float16:  # as the block does to its own output
-            out = out.clip(-65504, 65504)
-        return text_out, out
+        image = plan.unmerge(output[:, text_len : text_len + d])
+        return torch.cat((output[:, :text_len], image, output[:, text_len + d :]), dim=1)
 
 
 def _double_attention(engine: Engine, site: SiteInfo, cell: GridCell) -> FluxAttentionSite:
@@ -345,24 +384,45 @@ class FluxAdapter(Adapter):
         ),
     )
 
+    ids_index = 4  # position of img_ids in the model's forward
+
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
         self._grids: list[tuple[weakref.ref, int, Any]] = []
+        self.model: torch.nn.Module | None = None
+
+    def attach(self, model: torch.nn.Module, engine: Engine, config: Any) -> list[SiteInfo]:
+        self.model = model
+        return super().attach(model, engine, config)
 
     def read_grid(self, args: tuple, kwargs: dict) -> Any:
         """The grid of ``img_ids``, read once per ids tensor (and its in-place version): pipelines pass the same
-        tensor at every step, so later steps read nothing back from the device."""
-        ids = argument(args, kwargs, 4, "img_ids")
+        tensor at every step, so later steps read nothing back from the device.
+
+        Under diffusers' context parallelism the image tokens are split along the sequence across P ranks after
+        this point: each rank's sites see h/P whole rows, and merge within them (tiles never cross a shard). When
+        the rows do not split evenly, or a reference image follows the grid, nothing merges.
+        """
+        ids = argument(args, kwargs, self.ids_index, "img_ids")
         if not isinstance(ids, Tensor):
             return None
         for ref, version, grid in self._grids:
             if ref() is ids and version == ids._version:
-                return grid
+                return self._shard(grid)
         grid = grid_from_ids(ids)
         self._grids = [entry for entry in self._grids[-3:] if entry[0]() is not None] + [
             (weakref.ref(ids), ids._version, grid)
         ]
-        return grid
+        return self._shard(grid)
+
+    def _shard(self, read: Any) -> Any:
+        shards = context_shards(self.model)
+        if read is None or shards == 1:
+            return read
+        (h, w), extra = read
+        if extra or h % shards:
+            return None
+        return (h // shards, w), 0
 
     def read_features(self, args: tuple, kwargs: dict) -> Tensor | None:
         hidden = argument(args, kwargs, 0, "hidden_states")

@@ -84,6 +84,12 @@ def _forget(module: torch.nn.Module, name: str) -> None:
         module.__dict__.pop(RECORDS, None)
 
 
+def foreign_hooks(module: torch.nn.Module) -> bool:
+    """Whether a diffusers hook other than tokred's is on ``module`` (a cache hook, say)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and any(not name.startswith(HOOK_PREFIX) for name in registry.hooks)
+
+
 def compiled(blocks: list[torch.nn.Module]) -> bool:
     """Whether any of ``blocks`` runs compiled (``module.compile()``, as ``compile_repeated_blocks`` does)."""
     return any(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
