@@ -490,6 +490,43 @@ def test_bench_methods_take_their_own_settings_in_brackets(capsys, tmp_path):
         assert code == 2 and fragment in err, err
 
 
+def test_bench_measures_step_caches_alone_and_under_tokred(capsys, tmp_path):
+    out = tmp_path / "bench"
+    code, _, err = run_cli(
+        capsys,
+        "bench",
+        "model=tiny:flux",
+        "height=128",
+        "width=128",
+        "steps=4",
+        "repeats=1",
+        "methods=[baseline,dbcache,fbc,toma,toma+fbc]",
+        "cache_options.fbc.threshold=100",  # skips every step after the first: the FLOPs show it
+        "cache_options.dbcache.threshold=100",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err  # fbc after dbcache: cache-dit's leftovers are undone between methods
+    report = json.loads((out / "bench.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    text = (out / "bench.txt").read_text()
+    assert report["setup"]["steps"] == 4 and "4 denoising steps" in text
+    assert "fbc: diffusers' FirstBlockCache (threshold=100" in text
+    assert rows["fbc"]["flop_speedup"] > 1.5 and rows["dbcache"]["flop_speedup"] > 1.5
+    assert rows["toma+fbc"]["flop_speedup"] > rows["fbc"]["flop_speedup"]
+    assert rows["toma+fbc"]["tokens_kept"] == pytest.approx(0.5, abs=0.02)
+    assert 0 < rows["fbc"]["deviation"] and 0 < rows["toma"]["deviation"]
+    for argv, fragment in (
+        (["methods=[baseline,fbc]"], "steps: method 'fbc' runs a step cache: it needs steps of 2 or more"),
+        (["steps=3", "methods=[baseline,toma+fbc+pab]"], "at most one tokred preset and one cache"),
+        (["steps=3", "methods=[baseline,tomesd+fbc]"], "a cache goes alone or under a tokred preset"),
+        (["steps=3", "cache_options.fbc.thresh=1"], "cache 'fbc' has no setting 'thresh'; allowed: threshold"),
+        (["steps=3", "cache_options.magic.x=1"], "cache_options.magic: unknown cache; available: fbc"),
+    ):
+        code, _, err = run_cli(capsys, "bench", "model=tiny:flux", *argv, "--out", str(tmp_path / "x"))
+        assert code == 2 and fragment in err, err
+
+
 def test_the_gpu_check_configs_validate():
     from tokred.bench.job import load_bench_config, parse_method
     from tokred.config import load_config

@@ -16,20 +16,30 @@ import torch
 from torch import Tensor
 
 from tokred.bench.flops import count_flops
+from tokred.bench.inputs import output_tensor
 from tokred.bench.timing import median
 
 
 @dataclass
 class Method:
-    """One way of running the model: the baseline, a tokred config, or a peer (tomesd)."""
+    """One way of running the model: the baseline, a tokred config, a peer (tomesd), a step cache, or a tokred config
+    under a step cache."""
 
     name: str
-    kind: str = "tokred"  # baseline | tokred | tomesd
+    kind: str = "tokred"  # baseline | tokred | tomesd | cache
     config: Any = None  # tokred: preset / mapping / config; tomesd: keyword arguments of apply_patch
     overrides: dict[str, Any] = field(default_factory=dict)
+    cache: str | None = None  # a name of tokred.bench.caches.CACHES, switched on before tokred
+    steps: int = 1  # denoising steps of one measured call (caches need several)
+    cache_settings: dict[str, Any] = field(default_factory=dict)  # the cache's settings over its defaults
 
     def attach(self, model: torch.nn.Module, time_plans: bool = False) -> Any:
-        if self.kind == "baseline":
+        if self.cache is not None:
+            from tokred.bench.caches import CACHES
+
+            cache = CACHES[self.cache]
+            cache.enable(model, self.steps, cache.settings(self.cache_settings))
+        if self.kind == "baseline" or (self.kind == "cache" and self.config is None):
             return None
         if self.kind == "tomesd":
             import tomesd
@@ -47,6 +57,10 @@ class Method:
             tomesd.remove_patch(model)
         elif handle is not None:
             handle.remove()
+        if self.cache is not None:
+            from tokred.bench.caches import CACHES
+
+            CACHES[self.cache].disable(model)
 
 
 @dataclass
@@ -86,16 +100,6 @@ class Row:
             "peak_memory": self.peak_memory,
             "times": self.times,
         }
-
-
-def _output_tensor(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "sample"):
-        return output.sample
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    raise TypeError(f"cannot find a tensor in a {type(output).__name__}")
 
 
 class Clock:
@@ -152,7 +156,7 @@ def compare(
                     result = call()
                     torch.cuda.synchronize()
                     peaks[method.name] = torch.cuda.max_memory_allocated(device) / 2**30
-            outputs[method.name] = _output_tensor(result).float()
+            outputs[method.name] = output_tensor(result).float()
             if handle is not None:
                 kept[method.name] = handle.stats.total.kept_fraction
         finally:

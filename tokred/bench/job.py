@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokred.bench.caches import CACHES, split_method
 from tokred.bench.compare import Method, Row, compare, format_rows
 from tokred.bench.inputs import denoiser_inputs
 from tokred.bench.pictures import destinations_picture, speed_plot
@@ -38,8 +39,9 @@ class BenchConfig(BaseModel):
     )
     methods: list[str] = Field(
         ["baseline", "toma", "random", "grid", "todo", "tomesd"],
-        description="baseline, tomesd, or tokred presets, each optionally with its own settings in brackets "
-        "(toma[proportional=mask], toma_flux[ratio=0.6,mode=kv]); the first must be baseline",
+        description="baseline, tomesd, a step cache (fbc, taylorseer, pab, dbcache), or tokred presets, each "
+        "optionally with its own settings in brackets (toma[proportional=mask], toma_flux[ratio=0.6,mode=kv]) and "
+        "under a cache (toma_flux+fbc); the first must be baseline",
     )
     ratio: float | None = Field(0.5, ge=0.0, lt=1.0, description="ratio for every tokred method (null: each preset's)")
     reduction: dict[str, Any] = Field(
@@ -52,6 +54,16 @@ class BenchConfig(BaseModel):
     width: int = Field(1024, ge=32)
     batch: int = Field(1, ge=1)
     text_tokens: int = Field(77, ge=1, description="text tokens of the conditioning")
+    steps: int = Field(
+        1,
+        ge=1,
+        description="denoiser calls per measured run: 1 is one forward; more runs a flow-matching loop "
+        "(step caches such as fbc need several)",
+    )
+    cache_options: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="settings of the step caches over their defaults, by cache (cache_options.fbc.threshold=0.3)",
+    )
     repeats: int = Field(2, ge=1, description="interleaved timed rounds (medians are reported)")
     warmup: int | None = Field(
         None, ge=0, description="untimed rounds before the timed ones (null: none on the CPU, 2 on CUDA)"
@@ -78,12 +90,26 @@ def load_bench_config(source: str | None, overrides: list[str]) -> BenchConfig:
     presets = list_presets()
     for index, entry in enumerate(config.methods):
         name, own = parse_method(entry, f"methods.{index}")
+        try:
+            preset, cache = split_method(name)
+        except TokredError as exc:
+            raise ConfigError([ConfigIssue(f"methods.{index}", str(exc), entry, True)]) from None
+        if cache is not None and preset in PEERS:
+            raise ConfigError(
+                [ConfigIssue(f"methods.{index}", f"a cache goes alone or under a tokred preset, not {preset}", entry)]
+            )
+        if cache is not None and config.steps < 2:
+            raise ConfigError(
+                [ConfigIssue("steps", f"method {entry!r} runs a step cache: it needs steps of 2 or more", 1, True)]
+            )
+        name = preset if preset is not None else "baseline"
         if name not in PEERS and name not in presets:
             raise ConfigError(
                 [
                     ConfigIssue(
                         f"methods.{index}",
-                        f"unknown method {name!r}; available: {', '.join([*PEERS, *presets])}",
+                        f"unknown method {name!r}; available: {', '.join([*PEERS, *CACHES, *presets])} "
+                        "(a preset and a cache joined by +)",
                         entry,
                         True,
                     )
@@ -98,6 +124,15 @@ def load_bench_config(source: str | None, overrides: list[str]) -> BenchConfig:
                 raise ConfigError([ConfigIssue(f"methods.{index}", str(exc))]) from None
         elif own:
             raise ConfigError([ConfigIssue(f"methods.{index}", f"{name} takes no settings", entry, True)])
+    for cache, options in config.cache_options.items():
+        if cache not in CACHES:
+            raise ConfigError(
+                [ConfigIssue(f"cache_options.{cache}", f"unknown cache; available: {', '.join(CACHES)}", cache, True)]
+            )
+        try:
+            CACHES[cache].settings(options)
+        except TokredError as exc:
+            raise ConfigError([ConfigIssue(f"cache_options.{cache}", str(exc), options, True)]) from None
     if len(set(config.methods)) != len(config.methods):
         raise ConfigError([ConfigIssue("methods", "each method at most once", config.methods, True)])
     return config
@@ -112,7 +147,16 @@ def parse_method(entry: str, where: str = "methods") -> tuple[str, dict[str, Any
         return entry.strip(), {}
     if not rest.endswith("]"):
         raise ConfigError([ConfigIssue(where, "settings in brackets must end with ']'", entry, True)])
-    items = [item.strip() for item in rest[:-1].split(",") if item.strip()]
+    items, depth, current = [], 0, ""
+    for char in rest[:-1]:  # commas inside [...] or {...} belong to a value (locality.size=[4,4])
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items = [item.strip() for item in [*items, current] if item.strip()]
     return name.strip(), parse_overrides(items)
 
 
@@ -141,6 +185,7 @@ def denoiser_call(model: torch.nn.Module, config: BenchConfig) -> tuple[Callable
         text_tokens=config.text_tokens,
         seed=config.seed,
         frames=config.frames,
+        steps=config.steps,
     )
 
 
@@ -151,7 +196,17 @@ def methods_for(config: BenchConfig, model: torch.nn.Module) -> tuple[list[Metho
     overrides = method_overrides(config)
     for entry in config.methods:
         name, own = parse_method(entry)
-        if name == "baseline":
+        preset, cache = split_method(name)
+        if cache is not None:
+            settings = config.cache_options.get(cache, {})
+            if CACHES[cache].describe(settings) not in notes:
+                notes.append(CACHES[cache].describe(settings))
+            common = {"cache": cache, "steps": config.steps, "cache_settings": settings}
+            if preset is None:
+                methods.append(Method(entry, "cache", **common))
+            else:
+                methods.append(Method(entry, config=preset, overrides={**overrides, **own}, **common))
+        elif name == "baseline":
             methods.append(Method("baseline", "baseline"))
         elif name == "tomesd":
             if importlib.util.find_spec("tomesd") is None:
@@ -220,7 +275,9 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [Row(**{k: v for k, v in row.items() if k in Row.__dataclass_fields__}) for row in report["rows"]]
     head = (
         f"tokred bench: {setup['model']}{_options_text(setup['model_options'])} at {setup['height']}x{setup['width']}, "
-        f"batch {setup['batch']}, ratio {setup['ratio']}; {setup['device']} {setup.get('dtype', 'float32')}, "
+        f"batch {setup['batch']}, ratio {setup['ratio']}"
+        + (f", {setup['steps']} denoising steps" if setup.get("steps", 1) > 1 else "")
+        + f"; {setup['device']} {setup.get('dtype', 'float32')}, "
         f"{setup['threads']} threads, median of {setup['repeats']} interleaved rounds"
         + (f" after {setup['warmup']} warm-up" if setup.get("warmup") else "")
     )
@@ -228,6 +285,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"note: {note}" for note in setup["notes"]]
     lines.append(
         "speedup: vs the baseline in this run; FLOP model: counted FLOPs ratio; efficiency = speedup / FLOP model; "
-        "deviation: relative L2 of the denoiser output; plan share: plan building / call time"
+        "deviation: relative L2 of the denoiser output (of the final latent with several steps); "
+        "plan share: plan building / call time"
     )
     return "\n".join(lines)

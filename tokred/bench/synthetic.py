@@ -45,3 +45,22 @@ def smooth_latents(
     """(batch, channels, height, width) smooth latents, for feeding whole denoisers."""
     tokens = smooth_tokens((height, width), channels, batch=batch, seed=seed, dtype=dtype)
     return tokens.view(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
+
+
+def smooth_video(
+    batch: int,
+    channels: int,
+    frames: int,
+    height: int,
+    width: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """(batch, channels, frames, height, width) latents that change slowly over time: each frame a blend of two
+    smooth fields, turning from one to the other across the clip (consecutive frames are alike, as in video)."""
+    first = smooth_tokens((height, width), channels, batch=batch, seed=seed)
+    second = smooth_tokens((height, width), channels, batch=batch, seed=seed + 7919)
+    angles = torch.linspace(0.0, math.pi / 2, frames).view(1, frames, 1, 1)
+    clip = torch.cos(angles) * first.unsqueeze(1) + torch.sin(angles) * second.unsqueeze(1)  # (B, F, N, C)
+    return clip.view(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3).contiguous().to(dtype)
