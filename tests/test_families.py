@@ -187,6 +187,22 @@ def test_wan_video_grids_tiles_and_stripes_over_time(frames):
         assert torch.isfinite(out).all() and not torch.equal(out, base)
 
 
+@pytest.mark.parametrize(("family", "preset"), [("sd3", "toma_sd3"), ("wan", "toma_wan")])
+def test_family_presets_merge_every_block_on_their_tiles(family, preset):
+    model, inputs = model_and_inputs(family, batch=1, grid=(8, 8), frames=4)
+    base = run(model, inputs)
+    with tokred.patched(model, preset) as patch:
+        out = run(model, inputs)
+        blocks = {site.block for site in patch.sites}
+        assert all(patch.stats.sites[site.name].merged_calls == 1 for site in patch.sites)
+        (plan,) = patch.engine.plans
+    grid = (8, 8) if family == "sd3" else (4, 8, 8)  # latent frames
+    assert plan.grid == grid and len(blocks) == len(model.transformer_blocks if family == "sd3" else model.blocks)
+    tiles = plan.layout.num_groups
+    assert tiles == 4  # 8x8 in 4x4 tiles (SD3); 4x8x8 in 2x4x8 boxes (Wan)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_regional_compile(family):
     import torch._dynamo

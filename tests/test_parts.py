@@ -20,7 +20,7 @@ from tokred.strategies.localities import stripe_layout, tile_layout
 from tokred.strategies.schedules import IndexSet
 
 REG = default_registries()
-PRESETS = ("toma", "toma_stripe", "random", "grid", "todo", "tomesd_like")
+PRESETS = ("toma", "toma_stripe", "toma_sd3", "toma_wan", "random", "grid", "todo", "tomesd_like")
 
 
 def smooth_field(grid, batch=2, channels=16, seed=0):
