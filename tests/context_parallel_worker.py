@@ -42,7 +42,13 @@ def main(out_path: str) -> None:
     report: dict = {"world": dist.get_world_size()}
     single: dict = {}
     with torch.no_grad():
-        modes = {"tokens": {}, "kv": {"mode": "kv"}, "kv_unweighted": {"mode": "kv", "proportional": "off"}}
+        modes = {
+            "tokens": {},
+            "kv": {"mode": "kv"},
+            "kv_unweighted": {"mode": "kv", "proportional": "off"},
+            "tokens_mask": {"proportional": "mask"},  # the bias as a mask: diffusers gathers it with the keys
+            "kv_mask": {"mode": "kv", "proportional": "mask"},
+        }
         single["baseline"] = model(**inputs, return_dict=False)[0]
         for mode, settings in modes.items():
             with tokred.patched(model, "toma", locality=locality, **settings):

@@ -35,7 +35,7 @@ def test_ulysses_context_parallel_merges_shard_locally_and_matches_one_process(t
     report = json.loads(report_path.read_text())
     assert report["world"] == 2
     assert report["baseline"]["max_difference"] < 1e-5  # diffusers' CP itself reproduces one process
-    for mode in ("tokens", "kv", "kv_unweighted"):
+    for mode in ("tokens", "kv", "kv_unweighted", "tokens_mask", "kv_mask"):
         row = report[mode]
         # each rank merged its own 4 of the 8 rows, tiles inside its shard: the one-process tokred run, to rounding
         assert row["grids"] == [[4, 6]] and row["merged_calls"] == 5 and row["tokens"] == [120, 60]
@@ -43,3 +43,6 @@ def test_ulysses_context_parallel_merges_shard_locally_and_matches_one_process(t
     baseline = report["baseline"]["elements_sent"]
     assert report["tokens"]["elements_sent"] < baseline  # fewer tokens go through the all-to-all
     assert report["kv_unweighted"]["elements_sent"] < baseline  # K/V reduced before the all-to-all
+    assert report["kv_mask"]["elements_sent"] < baseline  # with the bias as a mask (gathered with the keys)
+    # folding the bias adds 8 channels to q and k: +50% at this test's head dim 16 (+6% at FLUX's 128)
+    assert report["tokens_mask"]["elements_sent"] < report["tokens"]["elements_sent"]

@@ -522,6 +522,7 @@ def test_bench_measures_step_caches_alone_and_under_tokred(capsys, tmp_path):
         (["steps=3", "methods=[baseline,tomesd+fbc]"], "a cache goes alone or under a tokred preset"),
         (["steps=3", "cache_options.fbc.thresh=1"], "cache 'fbc' has no setting 'thresh'; allowed: threshold"),
         (["steps=3", "cache_options.magic.x=1"], "cache_options.magic: unknown cache; available: fbc"),
+        (["steps=3", "methods=[baseline,'fbc[threshold=0.3]']"], "set the cache's as cache_options.fbc.<key>"),
     ):
         code, _, err = run_cli(capsys, "bench", "model=tiny:flux", *argv, "--out", str(tmp_path / "x"))
         assert code == 2 and fragment in err, err

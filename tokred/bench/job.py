@@ -122,6 +122,9 @@ def load_bench_config(source: str | None, overrides: list[str]) -> BenchConfig:
                 raise ConfigError(exc.issues, source=f"for method {entry!r}") from None
             except TokredError as exc:
                 raise ConfigError([ConfigIssue(f"methods.{index}", str(exc))]) from None
+        elif own and preset is None:
+            message = f"settings in brackets are a tokred preset's; set the cache's as cache_options.{cache}.<key>"
+            raise ConfigError([ConfigIssue(f"methods.{index}", message, entry, True)])
         elif own:
             raise ConfigError([ConfigIssue(f"methods.{index}", f"{name} takes no settings", entry, True)])
     for cache, options in config.cache_options.items():
