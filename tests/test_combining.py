@@ -162,6 +162,7 @@ def test_plans_are_built_only_in_blocks_that_run(pipe, configs):
 @pytest.fixture
 def quiet_cache_dit():
     import cache_dit  # noqa: F401  (a test dependency: missing, this fails rather than skips)
+
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("cache_dit"):
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -82,3 +82,103 @@ def test_kontext_merges_the_target_grid_and_keeps_the_reference_tokens(flux):
         grids = {plan.grid for plan in patch.engine.plans}
         tokens = {plan.num_tokens for plan in patch.engine.plans}
     assert grids == {(8, 8)} and tokens == {64}  # 64 target tokens merged; the 64 reference tokens pass through
+
+
+# --- processors replaced while a patch is on ------------------------------------------------------------------------
+
+
+def _processor_types(model):
+    return {type(p).__name__ for p in model.attn_processors.values()}
+
+
+def test_sdxl_default_processors_fused_qkv_and_saved_processors_after_apply():
+    """``set_default_attn_processor`` (it accepts only processor classes it knows), ``fuse_qkv_projections`` and
+    ``unfuse_qkv_projections`` replace processors while a patch is on: tokred wraps the new ones at the next call
+    instead of stopping silently, and a wrapper kept somewhere after removal is inert."""
+    from variant_pipelines import SIZE, tiny_sdxl_pipeline
+
+    kwargs = {"prompt": "a cat", "height": SIZE, "width": SIZE, "num_inference_steps": 2, "output_type": "np"}
+    plain = tiny_sdxl_pipeline()
+    plain.unet.set_default_attn_processor()
+    baseline = run(plain, kwargs)
+    pipe = tiny_sdxl_pipeline()
+    patch = tokred.apply(pipe, "toma")
+    first = run(pipe, kwargs)
+    per_image = patch.stats.total.merged_calls
+    pipe.unet.set_default_attn_processor()  # raised ValueError on tokred's processors before
+    assert not patch.active  # replaced ...
+    reduced = run(pipe, kwargs)
+    assert patch.active and patch.stats.total.merged_calls == 2 * per_image  # ... and wrapped again at the call
+    # the classic processor gets the merged tokens and the sizes as its mask: the same math as tokred's own
+    np.testing.assert_allclose(reduced, first, atol=1e-5)
+    saved = pipe.unet.attn_processors  # tokred's wrappers, kept by the user
+    pipe.fuse_qkv_projections()
+    fused = run(pipe, kwargs)
+    assert patch.active and patch.stats.total.merged_calls == 3 * per_image
+    np.testing.assert_allclose(fused, reduced, atol=1e-4)  # the same math on fused projections
+    pipe.unfuse_qkv_projections()
+    run(pipe, kwargs)
+    assert patch.active and patch.stats.total.merged_calls == 4 * per_image
+    patch.remove()
+    assert _processor_types(pipe.unet) == {"AttnProcessor"}
+    assert np.array_equal(run(pipe, kwargs), baseline)
+    pipe.unet.set_attn_processor(saved)  # tokred's old wrappers put back after removal: they do nothing
+    assert np.array_equal(run(pipe, kwargs), baseline) and patch.stats.total.merged_calls == 4 * per_image
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_ip_adapter_loaded_after_apply(family):
+    """diffusers' IP-adapter loading rebuilds every processor as ``processor.__class__()`` and installs IP
+    processors (modules with weights): loaded while a patch is on, it gives what loading it first gives."""
+    import variant_pipelines as vp
+
+    if family == "sdxl":
+        make, state = vp.tiny_sdxl_pipeline, vp._sdxl_ip_adapter_state_dict
+        dim = vp.tiny_sdxl_pipeline().unet.config.cross_attention_dim
+        embeds = torch.randn(2, 1, dim, generator=torch.Generator().manual_seed(2))
+        kwargs = {"ip_adapter_image_embeds": [embeds], "height": vp.SIZE, "width": vp.SIZE}
+    else:
+        make, state = vp.tiny_flux_pipeline, vp._flux_ip_adapter_state_dict
+        embeds = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(2))
+        kwargs = {
+            "ip_adapter_image_embeds": [embeds],
+            "negative_ip_adapter_image_embeds": [torch.zeros(1, 1, 48)],
+            "height": vp.SIZE,
+            "width": vp.SIZE,
+            "max_sequence_length": 16,
+        }
+    kwargs = {**kwargs, "prompt": "a cat", "num_inference_steps": 2, "output_type": "np"}
+
+    def load(pipe):
+        denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+        torch.manual_seed(3)
+        denoiser._load_ip_adapter_weights([state(denoiser)])
+
+    first = make()
+    load(first)
+    baseline = run(first, kwargs)
+    sites = ["attn1", "attn2"] if family == "sdxl" else ["attn1"]
+    with tokred.patched(first, "toma", sites=sites) as reference:
+        expected = run(first, kwargs)
+    pipe = make()
+    patch = tokred.apply(pipe, "toma", sites=sites)
+    load(pipe)
+    images = run(pipe, kwargs)
+    assert patch.active
+    assert {n: s.merged_calls for n, s in patch.stats.sites.items()} == {
+        n: s.merged_calls for n, s in reference.stats.sites.items()
+    }
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    # at IP scale 0 the IP processors, which tokred reduces around, give what the plain processors give
+    pipe.set_ip_adapter_scale(0.0)
+    plain = make()
+    with tokred.patched(plain, "toma", sites=sites):
+        without = run(plain, {k: v for k, v in kwargs.items() if "ip_adapter" not in k})
+    np.testing.assert_allclose(run(pipe, kwargs), without, atol=1e-5)
+    pipe.set_ip_adapter_scale(1.0)
+    patch.remove()
+    np.testing.assert_allclose(run(pipe, kwargs), baseline, atol=1e-6)
+    assert not any(
+        name.startswith("SiteProcessor")
+        for name in _processor_types(pipe.unet if family == "sdxl" else pipe.transformer)
+    )

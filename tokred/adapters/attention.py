@@ -290,6 +290,8 @@ class SiteProcessor:
         self.site = site
 
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.site.removed:  # kept by someone after the patch was removed (a saved processor dict): inert
+            return self.original(attn, *args, **kwargs)
         return self.site.process(self.original, attn, *args, **kwargs)
 
     @property
@@ -318,13 +320,37 @@ class SiteProcessor:
         return _processor_class(type(original))(original, site)
 
 
+class _StandsFor(type):
+    """The type of a generated site-processor class: it compares equal to the processor class it wraps, and called
+    with no arguments it makes a plain one. diffusers checks processors by class (``set_default_attn_processor``
+    accepts only classes it knows: ``proc.__class__ in (...)``) and rebuilds them as ``proc.__class__()`` (IP-adapter
+    loading); both then see the original. A processor set that way replaces tokred's, and the site wraps the new
+    one at the next model call (:meth:`AttentionSite.keep`)."""
+
+    wrapped_type: type
+
+    def __eq__(cls, other: object) -> bool:
+        return cls is other or other is cls.__dict__.get("wrapped_type")
+
+    def __hash__(cls) -> int:
+        return type.__hash__(cls)
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs and "wrapped_type" in cls.__dict__:
+            return cls.wrapped_type()
+        return super().__call__(*args, **kwargs)
+
+
 @functools.lru_cache(maxsize=64)
 def _processor_class(processor_type: type) -> type:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[no-untyped-def]
+        if self.site.removed:
+            return self.original(*args, **kwargs)
         return self.site.process(self.original, *args, **kwargs)
 
     __call__.__signature__ = _call_signature(processor_type)  # type: ignore[attr-defined]
-    return type(f"SiteProcessor[{processor_type.__name__}]", (SiteProcessor,), {"__call__": __call__})
+    name = f"SiteProcessor[{processor_type.__name__}]"
+    return _StandsFor(name, (SiteProcessor,), {"__call__": __call__, "wrapped_type": processor_type})
 
 
 class AttentionSite(Site):
@@ -340,6 +366,7 @@ class AttentionSite(Site):
         self.processor: SiteProcessor | None = None
         self.handles: tuple[Any, ...] = ()
         self._pending: Any = None
+        self.removed = False
 
     def register(self, module: torch.nn.Module) -> None:
         if self.name in records(module):
@@ -358,14 +385,39 @@ class AttentionSite(Site):
     def remove(self, module: torch.nn.Module) -> None:
         for handle in self.handles:
             handle.remove()
-        if self.processor is not None and module.processor is self.processor:
-            module.processor = self.processor.original  # (a processor set by someone else meanwhile stays)
+        current = module.processor
+        if isinstance(current, SiteProcessor) and current.site is self:  # (one set by someone else meanwhile stays)
+            module.processor = current.original
+        self.removed = True
         _forget(module, self.name)
 
     def in_place(self, module: torch.nn.Module) -> bool:
         if self.handles:
             return self.handles[0].id in module._forward_pre_hooks
         return module.processor is self.processor
+
+    def keep(self, module: torch.nn.Module) -> None:
+        """Called at each model call, outside compiled code: when the module's processor was replaced since the
+        last call (``set_default_attn_processor``, ``set_attn_processor``, ``fuse_qkv_projections``, IP-adapter
+        loading), the site takes its place around the new one instead of silently stopping."""
+        if self.handles:
+            return  # torch hooks around the module: they hold whatever the processor
+        current = module.processor
+        if current is self.processor:
+            return
+        if isinstance(current, SiteProcessor):
+            if current.site is self:  # an earlier wrapper of ours put back (unfuse_qkv_projections restores them)
+                self.processor = current
+            return  # else another patch's
+        if isinstance(current, torch.nn.Module):
+            self.processor = None
+            self.handles = (
+                module.register_forward_pre_hook(self._hooked_pre, with_kwargs=True),
+                module.register_forward_hook(self._hooked_post),
+            )
+        else:
+            self.processor = SiteProcessor.wrapping(current, self)
+            module.processor = self.processor
 
     def process(self, original: Any, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return original(attn, *args, **kwargs)
@@ -383,6 +435,22 @@ class AttentionSite(Site):
 
     def hooked_post(self, module: torch.nn.Module, pending: Any, output: Any) -> Any:
         return output
+
+    def foreign_way(self, processor: Any) -> str:
+        """How proportional attention runs through a processor tokred does not run itself (an IP-adapter's, a
+        classic ``AttnProcessor``): only as its attention mask, where its backend takes one; else ``off``, with
+        one warning."""
+        if self.engine.proportional_way == "off":
+            return "off"
+        backend = active_backend(processor)
+        if can_mask(backend):
+            return "mask"
+        _warn_once(
+            ("foreign", backend),
+            f"tokred: {type(processor).__name__} on attention backend '{backend}' takes no mask: merged tokens run "
+            "without proportional attention through it",
+        )
+        return "off"
 
     def way(self, original: Any, head_dim: int, direct: bool = False) -> str:
         """How proportional attention runs for this call (see :func:`choose_way`)."""

@@ -9,13 +9,23 @@ scope, one site hook per site and one step hook on the model, and numbers blocks
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from tokred.adapters.hooks import FeatureReader, GridCell, GridHook, GridReader, StateHook, StepHook, remove_hooks
+from tokred.adapters.hooks import (
+    FeatureReader,
+    GridCell,
+    GridHook,
+    GridReader,
+    StateHook,
+    StepHook,
+    remove_hooks,
+    tokred_hooks,
+)
 from tokred.config import ReductionConfig
 from tokred.engine import Engine
 from tokred.errors import ConfigError, ConfigIssue
@@ -238,7 +248,13 @@ class Adapter:
             site.factory(engine, site.info, cell).register(site.module)
         StateHook(engine).register(self.state_module(model))
         index, name = self.timestep_arg(model)
-        StepHook(engine, timestep_index=index, timestep_name=name).register(model)
+        step = StepHook(engine, timestep_index=index, timestep_name=name)
+        step.register(model)
+        step.keepers = [
+            (weakref.ref(module), hook)
+            for module, _, hook in tokred_hooks(model)
+            if hook.engine is engine and callable(getattr(hook, "keep", None))
+        ]
         return [site.info for site in sites]
 
     def detach(self, model: torch.nn.Module, engine: Engine | None = None) -> int:

@@ -266,7 +266,7 @@ class FluxAttentionSite(AttentionSite):
             "hidden_states": stream,
             "image_rotary_emb": gather_rope(rope, text.shape[1], shared, grid_part.shape[1], self.cell.extra),
         }
-        if self.way(module.processor, module.head_dim) == "mask":
+        if self.foreign_way(module.processor) == "mask":
             bias = stream_bias(plan, text.shape[1], self.cell.extra, hidden.dtype)
             kwargs["attention_mask"] = bias[:, None, None, :]
         self._pending = plan

@@ -21,6 +21,7 @@ no diffusers forward is copied.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,8 +152,14 @@ class StepHook(EntryHook):
         #: the pipeline's scheduler, when tokred was applied to a pipeline: its step count is read instead of
         #: the timestep tensor (no read back from the device)
         self.scheduler: Any = None
+        #: (module, site) pairs whose site re-installs itself when the module's processor was replaced
+        self.keepers: list[tuple[weakref.ref, Any]] = []
 
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: bool) -> None:
+        for ref, site in self.keepers:
+            module = ref()
+            if module is not None:
+                site.keep(module)
         self.engine.begin_model_call(
             argument(args, kwargs, self.timestep_index, self.timestep_name), scheduler_step(self.scheduler)
         )

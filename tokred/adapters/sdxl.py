@@ -91,8 +91,7 @@ class UNetAttentionSite(AttentionSite):
         if _plain(attn, original):
             out = self.attention(attn, queries, merged, plan)
         else:  # another processor: merged tokens, and the bias as its attention mask when that is the way
-            head_dim = attn.inner_dim // attn.heads
-            mask = plan.log_sizes(hidden_states.dtype).unsqueeze(1) if self.way(original, head_dim) == "mask" else None
+            mask = plan.log_sizes(hidden_states.dtype).unsqueeze(1) if self.foreign_way(original) == "mask" else None
             keys = merged if self.mode == "kv" else None
             out = original(attn, queries, keys, mask, **kwargs)
         return out if self.mode == "kv" else plan.unmerge(out)

@@ -111,8 +111,8 @@ def clip_tokenizer():  # type: ignore[no-untyped-def]
 
     chars = sorted(ByteLevel.alphabet())
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab.update({c: len(vocab) for c in chars})
-    vocab.update({c + "</w>": len(vocab) for c in chars})
+    vocab.update({c: 2 + i for i, c in enumerate(chars)})  # one id per character (and per word-final character)
+    vocab.update({c + "</w>": 2 + len(chars) + i for i, c in enumerate(chars)})
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
