@@ -515,7 +515,7 @@ def test_bench_measures_step_caches_alone_and_under_tokred(capsys, tmp_path):
     assert rows["fbc"]["flop_speedup"] > 1.5 and rows["dbcache"]["flop_speedup"] > 1.5
     assert rows["toma+fbc"]["flop_speedup"] > rows["fbc"]["flop_speedup"]
     assert rows["toma+fbc"]["tokens_kept"] == pytest.approx(0.5, abs=0.02)
-    assert 0 < rows["fbc"]["deviation"] and 0 < rows["toma"]["deviation"]
+    assert rows["fbc"]["deviation"] > 0 and rows["toma"]["deviation"] > 0
     for argv, fragment in (
         (["methods=[baseline,fbc]"], "steps: method 'fbc' runs a step cache: it needs steps of 2 or more"),
         (["steps=3", "methods=[baseline,toma+fbc+pab]"], "at most one tokred preset and one cache"),

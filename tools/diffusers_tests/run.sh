@@ -24,10 +24,12 @@ if [ ! -f "$DIFFUSERS_SRC/tests/pipelines/test_pipelines_common.py" ]; then
     echo "no diffusers tests under DIFFUSERS_SRC=$DIFFUSERS_SRC; see README.md (Getting the test sources)" >&2
     exit 2
 fi
-# diffusers' test extras that the venv lacks: parameterized and requests-mock (imported by the tests), peft (the
-# LoRA tests, otherwise skipped) and scipy (LMSDiscreteScheduler). Not tokred dependencies: a side folder, not the venv.
-if ! PYTHONPATH="$EXTRA_SITE" "$PY" -c "import parameterized, requests_mock, peft, scipy" 2>/dev/null; then
-    "$PY" -m pip install -q --target "$EXTRA_SITE" --no-deps parameterized requests-mock peft scipy || exit 2
+# diffusers' test extras that the venv lacks: parameterized and requests-mock (imported by the tests), scipy and
+# torchsde (the karras schedulers test). Not tokred dependencies: a side folder, not the venv. (peft is left out: the
+# LoRA tests need peft>=0.22, newer than the package index here has; without peft they are skipped.)
+if ! PYTHONPATH="$EXTRA_SITE" "$PY" -c "import parameterized, requests_mock, scipy, torchsde" 2>/dev/null; then
+    "$PY" -m pip install -q --target "$EXTRA_SITE" --no-deps parameterized requests-mock scipy torchsde trampoline \
+        || exit 2
 fi
 
 TARGETS=("$@")
