@@ -353,3 +353,15 @@ def test_toma_switches_to_stochastic_greedy_for_large_groups(monkeypatch):
     assert torch.equal(auto.destinations, stochastic.destinations)
     assert not torch.equal(auto.destinations, exact.destinations)
     assert auto.destinations.unique().numel() == auto.num_destinations == exact.num_destinations
+
+
+def test_the_first_merge_of_the_tokens_a_plan_was_built_from_reuses_their_slots():
+    x = smooth_tokens((16, 12), 2, 8, 0)
+    plan = tokred.make_plan(x, (16, 12), "toma")
+    assert plan._fresh  # the build's slot-ordered copy, kept for one merge
+    first = plan.merge(x)
+    assert not plan._fresh and torch.equal(first, plan.merge(x))  # the same as merging from scratch
+    y = x.clone()
+    plan = tokred.make_plan(y, (16, 12), "toma")
+    y.mul_(2.0)  # changed in place after the build: its slots are gathered again
+    torch.testing.assert_close(plan.merge(y), 2.0 * plan.merge(x))

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import (
@@ -303,6 +304,19 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
             parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=True)
         except OmegaConfBaseException as exc:
             raise ConfigError([ConfigIssue(key, f"cannot parse override: {exc}", item, True)]) from None
+        except yaml.YAMLError as exc:  # OmegaConf lets the YAML parser's errors through
+            where = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        key,
+                        f"cannot parse the value as YAML ({where}); quote list items that hold brackets or commas: "
+                        "methods='[baseline,\"toma[ratio=0.6]\"]'",
+                        item,
+                        True,
+                    )
+                ]
+            ) from None
         assert isinstance(parsed, dict)
         result = layer(result, normalise_parts(parsed))
     return result

@@ -54,6 +54,9 @@ class MergePlan:
     slot_dest: Tensor | None = None  # (G·d,) destination of each flat slot; None when groups are equal
     sizes: Tensor | None = None
     _cast: dict[Any, Tensor] = field(default_factory=dict, repr=False)
+    #: (tokens, their version, their slots) the plan was built from, for the first merge only: a site merges the
+    #: very tokens it built the plan from, whose slot-ordered copy the build already made
+    _fresh: list[tuple[Tensor, int, Tensor]] = field(default_factory=list, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -84,7 +87,12 @@ class MergePlan:
             return x
         if self.merge_weights is None:
             return take_rows(x, self.destinations)
-        merged = (self._weights("merge_weights", x.dtype) @ self.layout.to_slots(x)).flatten(1, 2)
+        fresh = self._fresh.pop() if not torch.compiler.is_compiling() and self._fresh else None
+        if fresh is not None and fresh[0] is x and fresh[1] == x._version and fresh[2].dtype == x.dtype:
+            slots = fresh[2]
+        else:
+            slots = self.layout.to_slots(x)
+        merged = (self._weights("merge_weights", x.dtype) @ slots).flatten(1, 2)
         return merged if self.dest_slots is None else take_rows(merged, self.dest_slots)
 
     def unmerge(self, y: Tensor) -> Tensor:
@@ -118,7 +126,9 @@ class MergePlan:
         return self.unmerge(eye.expand(self.destinations.shape[0], -1, -1).contiguous())
 
     def prepare(self, dtype: torch.dtype) -> MergePlan:
-        """Make the casts that applying this plan to ``dtype`` tokens needs now (so applying it only reads)."""
+        """Make the casts that applying this plan to ``dtype`` tokens needs now (so applying it only reads); a plan
+        prepared for compiled code merges other tokens than it was built from, so it keeps no slots for them."""
+        self._fresh.clear()
         for name in ("merge_weights", "unmerge_weights"):
             if getattr(self, name) is not None:
                 self._weights(name, dtype)
@@ -196,7 +206,10 @@ def build_plan(
     if tuple(destinations.shape) != expected:
         raise ValueError(f"{type(selector).__name__}.select returned shape {tuple(destinations.shape)}, not {expected}")
     maps = merge_op.maps(ctx, destinations)
-    return _assemble(grid, layout, ctx, destinations, maps, quota)
+    plan = _assemble(grid, layout, ctx, destinations, maps, quota)
+    if maps.merge is not None and features.dtype == tokens.dtype:
+        plan._fresh.append((tokens, tokens._version, features))
+    return plan
 
 
 def _assemble(

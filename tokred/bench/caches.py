@@ -6,6 +6,7 @@ denoising steps, so they are measured on whole runs (``steps`` > 1: a flow-match
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,9 @@ def _dbcache_on(model: torch.nn.Module, steps: int, settings: dict[str, Any]) ->
         import cache_dit
     except ImportError:
         raise TokredError("dbcache needs the cache-dit package (pip install cache-dit)") from None
+    for name in list(logging.root.manager.loggerDict):  # cache-dit logs every enable at INFO: keep the table clean
+        if name.startswith("cache_dit"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     config = cache_dit.DBCacheConfig(
         Fn_compute_blocks=int(settings["fn"]),
         Bn_compute_blocks=int(settings["bn"]),

@@ -19,7 +19,7 @@ def nonnegative_similarity(similarity: Tensor, valid: Tensor) -> Tensor:
     return (similarity + 1.0).mul_(0.5).mul_(valid.unsqueeze(-1).to(similarity.dtype))
 
 
-def greedy_facility_location(s: Tensor, valid: Tensor, count: int) -> tuple[Tensor, Tensor]:
+def greedy_facility_location(s: Tensor, valid: Tensor, count: int, symmetric: bool = False) -> tuple[Tensor, Tensor]:
     """Greedy maximisation of Σᵢ maxⱼ s(i, j) over destination sets of size ``count``.
 
     Args:
@@ -28,6 +28,8 @@ def greedy_facility_location(s: Tensor, valid: Tensor, count: int) -> tuple[Tens
         valid: (..., n) or broadcastable: which slots may be picked.
         count: destinations to pick (the loop runs ``count`` times; each pass is one batched tensor op over
             every batch element and group).
+        symmetric: ``s`` is symmetric (a similarity of groups without padding), so its rows are its columns and
+            need no transposed copy.
 
     Returns:
         (indices, gains): (..., count) picked slots in pick order and the gain of each pick. Once a group has
@@ -35,7 +37,9 @@ def greedy_facility_location(s: Tensor, valid: Tensor, count: int) -> tuple[Tens
     """
     n = s.shape[-1]
     batch_shape = s.shape[:-2]
-    rows = s.reshape(-1, n, n).transpose(-1, -2).contiguous()  # rows[b, j] = column j of s, a cheap gather
+    rows = s.reshape(-1, n, n)  # rows[b, j] = column j of s, a cheap gather
+    if not symmetric:
+        rows = rows.transpose(-1, -2).contiguous()
     flat = torch.arange(rows.shape[0], device=s.device)
     cover = s.new_zeros((*batch_shape, n))
     blocked = (~valid.to(torch.bool)).expand(*batch_shape, n).clone()

@@ -50,7 +50,8 @@ class FacilityLocationSelector:
         s = nonnegative_similarity(ctx.similarity, ctx.layout.valid)
         n = ctx.layout.group_size
         if self.greedy == "exact" or (self.greedy == "auto" and n <= EXACT_UP_TO):
-            indices, _ = greedy_facility_location(s, ctx.layout.valid, ctx.max_destinations)
+            symmetric = ctx.layout.regular  # no padded slot: the cosine similarity is symmetric
+            indices, _ = greedy_facility_location(s, ctx.layout.valid, ctx.max_destinations, symmetric)
         else:
             generator = _generator(ctx, self.seed)
             indices, _ = stochastic_greedy_facility_location(
