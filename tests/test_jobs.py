@@ -119,6 +119,7 @@ def test_a_failed_generate_leaves_no_result_that_looks_complete(capsys, tmp_path
             "repeat: unknown key 'repeat' (did you mean 'repeats'?); allowed: model, model_options",
         ),
         (["sweep", "grid.methods=[toma,nope]"], "grid.methods.1"),
+        (["bench", "methods=[baseline,toma[ratio=0.6]]"], "methods: cannot parse the value as YAML"),
     ],
 )
 def test_bad_inputs_exit_2_with_a_clear_message(capsys, tmp_path, argv, fragment):
