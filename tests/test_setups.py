@@ -11,6 +11,7 @@ import pytest
 import torch
 from accelerate import cpu_offload
 from accelerate.hooks import AlignDevicesHook, CpuOffload
+from test_flux import transformer_inputs
 
 import tokred
 from tokred.adapters.hooks import tokred_hooks
@@ -121,21 +122,7 @@ def test_offload_keeps_steps_grids_and_removal_in_either_order(monkeypatch, fami
 # --- 2. attention backends ---------------------------------------------------------------------------------------
 
 
-def flux_inputs(model, batch=2, h=6, w=10, text=9, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] += torch.arange(h)[:, None]
-    ids[..., 2] += torch.arange(w)[None, :]
-    return {
-        "hidden_states": torch.randn(batch, h * w, cfg.in_channels, generator=gen).to(dtype),
-        "encoder_hidden_states": torch.randn(batch, text, cfg.joint_attention_dim, generator=gen).to(dtype),
-        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen).to(dtype),
-        "timestep": torch.full((batch,), 0.5).to(dtype),
-        "img_ids": ids.reshape(h * w, 3).to(dtype),
-        "txt_ids": torch.zeros(text, 3).to(dtype),
-        "guidance": torch.full((batch,), 3.5).to(dtype),
-    }
+flux_inputs = transformer_inputs  # the Flux transformer's inputs on a grid, as test_flux makes them
 
 
 def unet_inputs(unet, batch=2, height=16, width=16, seed=0, dtype=torch.float32):

@@ -36,7 +36,18 @@ logger = logging.getLogger(__name__)
 
 WAYS = ("auto", "fold", "mask", "flex", "off")
 
-#: diffusers backends (AttentionBackendName values) that refuse an additive float mask, or mangle one
+#: diffusers' sage backends (AttentionBackendName values): no mask, head dims 64, 96 and 128 only
+SAGE = (
+    "sage",
+    "sage_hub",
+    "sage_varlen",
+    "sage_blackwell_hub",
+    "_sage_qk_int8_pv_fp8_cuda",
+    "_sage_qk_int8_pv_fp8_cuda_sm90",
+    "_sage_qk_int8_pv_fp16_cuda",
+    "_sage_qk_int8_pv_fp16_triton",
+)
+#: diffusers backends that refuse an additive float mask, or mangle one
 MASK_REFUSED = frozenset(
     {
         "flash",
@@ -52,30 +63,11 @@ MASK_REFUSED = frozenset(
         "_native_flash",
         "_native_xla",
         "_native_npu",
-        "sage",
-        "sage_hub",
-        "sage_varlen",
-        "sage_blackwell_hub",
-        "_sage_qk_int8_pv_fp8_cuda",
-        "_sage_qk_int8_pv_fp8_cuda_sm90",
-        "_sage_qk_int8_pv_fp16_cuda",
-        "_sage_qk_int8_pv_fp16_triton",
+        *SAGE,
     }
 )
 #: backends whose kernels take only some head dims (the folded head dim must be one of them)
-HEAD_DIMS: dict[str, frozenset[int]] = {
-    name: frozenset({64, 96, 128})
-    for name in (
-        "sage",
-        "sage_hub",
-        "sage_varlen",
-        "sage_blackwell_hub",
-        "_sage_qk_int8_pv_fp8_cuda",
-        "_sage_qk_int8_pv_fp8_cuda_sm90",
-        "_sage_qk_int8_pv_fp16_cuda",
-        "_sage_qk_int8_pv_fp16_triton",
-    )
-}
+HEAD_DIMS: dict[str, frozenset[int]] = {name: frozenset({64, 96, 128}) for name in SAGE}
 #: the widest head dim of flash-style kernels
 MAX_HEAD_DIM = 256
 #: a processor that calls torch's SDPA itself, whatever diffusers backend is active (the UNet's AttnProcessor2_0)
@@ -368,19 +360,29 @@ class AttentionSite(Site):
         self._pending: Any = None
         self.removed = False
 
+    @classmethod
+    def modes(cls, *modes: str) -> dict[str, Any]:
+        """The hook factories of a :class:`~tokred.adapters.base.SiteRule`: this site in each of ``modes``."""
+        return {mode: functools.partial(cls, mode=mode) for mode in modes}
+
     def register(self, module: torch.nn.Module) -> None:
         if self.name in records(module):
             raise ValueError(f"{type(module).__name__} already has a {self.name} hook")
-        original = module.processor
-        if isinstance(original, torch.nn.Module):
+        self._install(module, module.processor)
+        records(module)[self.name] = self
+
+    def _install(self, module: torch.nn.Module, processor: Any) -> None:
+        """Wrap ``processor``, or hook around the module when the processor is itself a module (it holds weights and
+        must stay in the module tree)."""
+        if isinstance(processor, torch.nn.Module):
+            self.processor = None
             self.handles = (
                 module.register_forward_pre_hook(self._hooked_pre, with_kwargs=True),
                 module.register_forward_hook(self._hooked_post),
             )
         else:
-            self.processor = SiteProcessor.wrapping(original, self)
+            self.processor = SiteProcessor.wrapping(processor, self)
             module.processor = self.processor
-        records(module)[self.name] = self
 
     def remove(self, module: torch.nn.Module) -> None:
         for handle in self.handles:
@@ -409,15 +411,7 @@ class AttentionSite(Site):
             if current.site is self:  # an earlier wrapper of ours put back (unfuse_qkv_projections restores them)
                 self.processor = current
             return  # else another patch's
-        if isinstance(current, torch.nn.Module):
-            self.processor = None
-            self.handles = (
-                module.register_forward_pre_hook(self._hooked_pre, with_kwargs=True),
-                module.register_forward_hook(self._hooked_post),
-            )
-        else:
-            self.processor = SiteProcessor.wrapping(current, self)
-            module.processor = self.processor
+        self._install(module, current)
 
     def process(self, original: Any, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return original(attn, *args, **kwargs)

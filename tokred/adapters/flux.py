@@ -126,6 +126,19 @@ def finish(attn: torch.nn.Module, out: Tensor, text: Tensor | None, dtype: torch
     return attn.to_out[1](attn.to_out[0](image_out.contiguous())), attn.to_add_out(text_out.contiguous())
 
 
+def merge_span(plan: MergePlan, stream: Tensor, start: int, grid_part: Tensor) -> Tensor:
+    """A stream [before, grid tokens, after] with its grid tokens (``grid_part``, the slice at ``start`` that the
+    plan was built from) merged."""
+    end = start + grid_part.shape[1]
+    return torch.cat((stream[:, :start], plan.merge(grid_part), stream[:, end:]), dim=1)
+
+
+def unmerge_span(plan: MergePlan, stream: Tensor, start: int) -> Tensor:
+    """The inverse layout of :func:`merge_span`: the plan's destinations at ``start`` unmerged, the rest kept."""
+    end = start + plan.num_destinations
+    return torch.cat((stream[:, :start], plan.unmerge(stream[:, start:end]), stream[:, end:]), dim=1)
+
+
 def unmerge_stream(plan: MergePlan, image: Tensor) -> Tensor:
     """(B, D + E, C) -> (B, N + E, C): the merged part unmerged, extra tokens as they are."""
     restored = plan.unmerge(image[:, : plan.num_destinations])
@@ -194,11 +207,9 @@ class FluxAttentionSite(AttentionSite):
         plan = self.plan(grid_part)
         if plan is None:
             return unchanged()
-        stream = torch.cat((hidden[:, :text_len], plan.merge(grid_part), hidden[:, text_len + tokens :]), dim=1)
+        stream = merge_span(plan, hidden, text_len, grid_part)
         rope = gather_rope(rope, text_len, plan.destinations, tokens, extra)
-        out = self.attention(original, attn, stream, None, rope, plan, text_len)
-        d = plan.num_destinations
-        return torch.cat((out[:, :text_len], plan.unmerge(out[:, text_len : text_len + d]), out[:, text_len + d :]), 1)
+        return unmerge_span(plan, self.attention(original, attn, stream, None, rope, plan, text_len), text_len)
 
     def attention(
         self,
@@ -328,12 +339,11 @@ class FluxSingleBlockSite(Site):
         if self.cell.grid is None or text_len < 0:
             self.plan(normed)  # counted as skipped
             return None
-        tokens = self.cell.tokens
-        plan = self.plan(normed[:, text_len : text_len + tokens])
+        grid_part = normed[:, text_len : text_len + self.cell.tokens]
+        plan = self.plan(grid_part)
         if plan is None:
             return None
-        grid_part = normed[:, text_len : text_len + tokens]
-        stream = torch.cat((normed[:, :text_len], plan.merge(grid_part), normed[:, text_len + tokens :]), dim=1)
+        stream = merge_span(plan, normed, text_len, grid_part)
         self._pending = (plan, text_len)
         self.attention.outer = (plan, text_len)
         return stream, gate
@@ -344,17 +354,7 @@ class FluxSingleBlockSite(Site):
         if pending is None:
             return None
         plan, text_len = pending
-        d = plan.num_destinations
-        image = plan.unmerge(output[:, text_len : text_len + d])
-        return torch.cat((output[:, :text_len], image, output[:, text_len + d :]), dim=1)
-
-
-def _double_attention(engine: Engine, site: SiteInfo, cell: GridCell) -> FluxAttentionSite:
-    return FluxAttentionSite(engine, site, cell, "tokens")
-
-
-def _kv_attention(engine: Engine, site: SiteInfo, cell: GridCell) -> FluxAttentionSite:
-    return FluxAttentionSite(engine, site, cell, "kv")
+        return unmerge_span(plan, output, text_len)
 
 
 class FluxAdapter(Adapter):
@@ -369,7 +369,7 @@ class FluxAdapter(Adapter):
             container="transformer_blocks",
             types=(FluxTransformerBlock,),
             sites=(
-                SiteRule("attn1", "attn", {"tokens": _double_attention, "kv": _kv_attention}),
+                SiteRule("attn1", "attn", FluxAttentionSite.modes("tokens", "kv")),
                 SiteRule("ff", "ff", {"tokens": TokenSiteHook}),
             ),
         ),
@@ -379,7 +379,7 @@ class FluxAdapter(Adapter):
             types=(FluxSingleTransformerBlock,),
             sites=(
                 SiteRule("attn1", "", {"tokens": FluxSingleBlockSite}),
-                SiteRule("attn1", "attn", {"kv": _kv_attention}),
+                SiteRule("attn1", "attn", FluxAttentionSite.modes("kv")),
             ),
         ),
     )

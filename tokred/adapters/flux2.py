@@ -25,7 +25,15 @@ from torch import Tensor
 
 from tokred.adapters.attention import AttentionSite, active_backend, attend, rotate
 from tokred.adapters.base import Adapter, BlockPattern, SiteRule
-from tokred.adapters.flux import FluxAdapter, FluxAttentionSite, Rope, gather_rope, stream_bias
+from tokred.adapters.flux import (
+    FluxAdapter,
+    FluxAttentionSite,
+    Rope,
+    gather_rope,
+    merge_span,
+    stream_bias,
+    unmerge_span,
+)
 from tokred.adapters.hooks import GridCell, TokenSiteHook, argument
 from tokred.engine import Engine
 from tokred.plan import MergePlan
@@ -77,12 +85,9 @@ class Flux2ParallelSite(AttentionSite):
             return unchanged()
         if self.mode == "kv":
             return self.attention(original, attn, hidden_states, image_rotary_emb, plan, text_len)
-        rest = hidden_states[:, text_len + tokens :]
-        stream = torch.cat((hidden_states[:, :text_len], plan.merge(grid_part), rest), dim=1)
+        stream = merge_span(plan, hidden_states, text_len, grid_part)
         rope = gather_rope(image_rotary_emb, text_len, plan.destinations, tokens, self.cell.extra)
-        out = self.attention(original, attn, stream, rope, plan, text_len)
-        d = plan.num_destinations
-        return torch.cat((out[:, :text_len], plan.unmerge(out[:, text_len : text_len + d]), out[:, text_len + d :]), 1)
+        return unmerge_span(plan, self.attention(original, attn, stream, rope, plan, text_len), text_len)
 
     def attention(
         self, original: Any, attn: torch.nn.Module, hidden: Tensor, rope: Rope, plan: MergePlan, text_len: int
@@ -109,20 +114,6 @@ class Flux2ParallelSite(AttentionSite):
         return attn.to_out(torch.cat((out, attn.mlp_act_fn(mlp)), dim=-1))
 
 
-def _double(mode: str):  # type: ignore[no-untyped-def]
-    def build(engine: Engine, site: SiteInfo, cell: GridCell) -> Flux2AttentionSite:
-        return Flux2AttentionSite(engine, site, cell, mode)
-
-    return build
-
-
-def _single(mode: str):  # type: ignore[no-untyped-def]
-    def build(engine: Engine, site: SiteInfo, cell: GridCell) -> Flux2ParallelSite:
-        return Flux2ParallelSite(engine, site, cell, mode)
-
-    return build
-
-
 class Flux2Adapter(Adapter):
     """Flux2Transformer2DModel (FLUX.2 dev and Klein): double and single blocks, image tokens only."""
 
@@ -135,7 +126,7 @@ class Flux2Adapter(Adapter):
             container="transformer_blocks",
             types=(Flux2TransformerBlock,),
             sites=(
-                SiteRule("attn1", "attn", {"tokens": _double("tokens"), "kv": _double("kv")}),
+                SiteRule("attn1", "attn", Flux2AttentionSite.modes("tokens", "kv")),
                 SiteRule("ff", "ff", {"tokens": TokenSiteHook}),
             ),
         ),
@@ -143,7 +134,7 @@ class Flux2Adapter(Adapter):
             family="single",
             container="single_transformer_blocks",
             types=(Flux2SingleTransformerBlock,),
-            sites=(SiteRule("attn1", "attn", {"tokens": _single("tokens"), "kv": _single("kv")}),),
+            sites=(SiteRule("attn1", "attn", Flux2ParallelSite.modes("tokens", "kv")),),
         ),
     )
 

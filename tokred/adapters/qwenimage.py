@@ -24,10 +24,8 @@ from torch import Tensor
 
 from tokred.adapters.attention import AttentionSite, active_backend, attend, gather_positions
 from tokred.adapters.base import Adapter, BlockPattern, SiteRule
-from tokred.adapters.hooks import GridCell, TokenSiteHook, argument
-from tokred.engine import Engine
+from tokred.adapters.hooks import TokenSiteHook, argument
 from tokred.plan import MergePlan
-from tokred.strategies.base import SiteInfo
 
 
 def rotate_complex(x: Tensor, freqs: Tensor) -> Tensor:
@@ -145,13 +143,6 @@ class QwenAttentionSite(AttentionSite):
         return image_out, attn.to_add_out(out[:, :text_len].contiguous())
 
 
-def _attention(mode: str):  # type: ignore[no-untyped-def]
-    def build(engine: Engine, site: SiteInfo, cell: GridCell) -> QwenAttentionSite:
-        return QwenAttentionSite(engine, site, cell, mode)
-
-    return build
-
-
 class QwenImageAdapter(Adapter):
     """QwenImageTransformer2DModel (Qwen-Image and its edit variants): dual-stream blocks, image tokens only."""
 
@@ -164,7 +155,7 @@ class QwenImageAdapter(Adapter):
             container="transformer_blocks",
             types=(QwenImageTransformerBlock,),
             sites=(
-                SiteRule("attn1", "attn", {"tokens": _attention("tokens"), "kv": _attention("kv")}),
+                SiteRule("attn1", "attn", QwenAttentionSite.modes("tokens", "kv")),
                 SiteRule("ff", "img_mlp", {"tokens": TokenSiteHook}),
             ),
         ),

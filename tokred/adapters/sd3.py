@@ -98,13 +98,6 @@ class SD3AttentionSite(AttentionSite):
         return image_out, text_out if attn.context_pre_only else attn.to_add_out(text_out)
 
 
-def _attention(mode: str):  # type: ignore[no-untyped-def]
-    def build(engine: Engine, site: SiteInfo, cell: Any) -> SD3AttentionSite:
-        return SD3AttentionSite(engine, site, cell, mode)
-
-    return build
-
-
 class SD3Adapter(Adapter):
     """SD3Transformer2DModel (SD3, SD3.5 medium and large): joint blocks, image tokens only."""
 
@@ -117,8 +110,8 @@ class SD3Adapter(Adapter):
             container="transformer_blocks",
             types=(JointTransformerBlock,),
             sites=(
-                SiteRule("attn1", "attn", {"tokens": _attention("tokens"), "kv": _attention("kv")}),
-                SiteRule("attn1", "attn2", {"tokens": _attention("tokens"), "kv": _attention("kv")}),
+                SiteRule("attn1", "attn", SD3AttentionSite.modes("tokens", "kv")),
+                SiteRule("attn1", "attn2", SD3AttentionSite.modes("tokens", "kv")),
                 SiteRule("ff", "ff", {"tokens": TokenSiteHook}),
             ),
         ),

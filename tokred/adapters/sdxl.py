@@ -13,7 +13,6 @@ would.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -129,10 +128,6 @@ class UNetAttentionSite(AttentionSite):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-tokens_attention = functools.partial(UNetAttentionSite, mode="tokens")
-kv_attention = functools.partial(UNetAttentionSite, mode="kv")
-
-
 class UNetAdapter(Adapter):
     """UNet2DConditionModel (SDXL, SD 1.x/2.x) and continuous-input Transformer2DModel."""
 
@@ -144,8 +139,8 @@ class UNetAdapter(Adapter):
             container="transformer_blocks",
             types=(BasicTransformerBlock,),
             sites=(
-                SiteRule("attn1", "attn1", {"tokens": tokens_attention, "kv": kv_attention}),
-                SiteRule("attn2", "attn2", {"tokens": tokens_attention}),
+                SiteRule("attn1", "attn1", UNetAttentionSite.modes("tokens", "kv")),
+                SiteRule("attn2", "attn2", UNetAttentionSite.modes("tokens")),
                 SiteRule("ff", "ff", {"tokens": TokenSiteHook}),
             ),
         ),

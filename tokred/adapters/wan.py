@@ -25,7 +25,7 @@ from torch import Tensor
 
 from tokred.adapters.attention import AttentionSite, active_backend, attend
 from tokred.adapters.base import Adapter, BlockPattern, SiteRule
-from tokred.adapters.hooks import GridCell, TokenSiteHook, argument
+from tokred.adapters.hooks import TokenSiteHook, argument
 from tokred.engine import Engine
 from tokred.plan import MergePlan
 from tokred.strategies.base import SiteInfo
@@ -91,13 +91,6 @@ class WanSelfAttentionSite(AttentionSite):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _self_attention(mode: str):  # type: ignore[no-untyped-def]
-    def build(engine: Engine, site: SiteInfo, cell: GridCell) -> WanSelfAttentionSite:
-        return WanSelfAttentionSite(engine, site, cell, mode)
-
-    return build
-
-
 class WanAdapter(Adapter):
     """WanTransformer3DModel (Wan 2.1 / 2.2 text- and image-to-video): video tokens of every block."""
 
@@ -110,7 +103,7 @@ class WanAdapter(Adapter):
             container="blocks",
             types=(WanTransformerBlock,),
             sites=(
-                SiteRule("attn1", "attn1", {"tokens": _self_attention("tokens"), "kv": _self_attention("kv")}),
+                SiteRule("attn1", "attn1", WanSelfAttentionSite.modes("tokens", "kv")),
                 SiteRule("attn2", "attn2", {"tokens": TokenSiteHook}),
                 SiteRule("ff", "ffn", {"tokens": TokenSiteHook}),
             ),

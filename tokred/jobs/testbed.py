@@ -79,13 +79,20 @@ def built_on(device: torch.device | str | None, dtype: torch.dtype, build):  # t
     return model if dtype == torch.float32 else model.to(dtype)
 
 
+def model_from_config(  # type: ignore[no-untyped-def]
+    class_name: str, config: dict[str, Any], *, seed: int, dtype: torch.dtype, device: Any, **changes: Any
+):
+    """diffusers' ``class_name`` built from ``config`` (with ``changes``), random weights seeded with ``seed``."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return built_on(device, dtype, lambda: getattr(diffusers, class_name)(**{**config, **changes}))
+
+
 def unet_from_config(  # type: ignore[no-untyped-def]
     config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None
 ):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return built_on(device, dtype, lambda: UNet2DConditionModel(**config))
+    return model_from_config("UNet2DConditionModel", config, seed=seed, dtype=dtype, device=device)
 
 
 def tiny_vae(scaling_factor: float, shift_factor: float | None = None, latent_channels: int = 4):  # type: ignore[no-untyped-def]
@@ -222,10 +229,7 @@ def flux_transformer(  # type: ignore[no-untyped-def]
     config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
 ):
     """A FluxTransformer2DModel from ``config`` (with ``changes``, e.g. fewer layers), random weights."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    return built_on(device, dtype, lambda: FluxTransformer2DModel(**{**config, **changes}))
+    return model_from_config("FluxTransformer2DModel", config, seed=seed, dtype=dtype, device=device, **changes)
 
 
 def tiny_flux_pipeline(*, text_encoders: bool = True, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -295,10 +299,7 @@ SD35_LARGE_CONFIG: dict[str, Any] = {
 def sd3_transformer(  # type: ignore[no-untyped-def]
     config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
 ):
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(seed)
-    return built_on(device, dtype, lambda: SD3Transformer2DModel(**{**config, **changes}))
+    return model_from_config("SD3Transformer2DModel", config, seed=seed, dtype=dtype, device=device, **changes)
 
 
 def tiny_sd3_pipeline(*, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -364,10 +365,7 @@ FLUX2_DEV_CONFIG: dict[str, Any] = {
 def flux2_transformer(  # type: ignore[no-untyped-def]
     config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
 ):
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(seed)
-    return built_on(device, dtype, lambda: Flux2Transformer2DModel(**{**config, **changes}))
+    return model_from_config("Flux2Transformer2DModel", config, seed=seed, dtype=dtype, device=device, **changes)
 
 
 def tiny_flux2_pipeline(*, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -412,10 +410,7 @@ TINY_QWEN_IMAGE_CONFIG: dict[str, Any] = {
 def qwen_image_transformer(  # type: ignore[no-untyped-def]
     config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
 ):
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(seed)
-    return built_on(device, dtype, lambda: QwenImageTransformer2DModel(**{**config, **changes}))
+    return model_from_config("QwenImageTransformer2DModel", config, seed=seed, dtype=dtype, device=device, **changes)
 
 
 def tiny_qwen_image_pipeline(*, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -479,10 +474,7 @@ WAN21_14B_CONFIG: dict[str, Any] = {
 def wan_transformer(  # type: ignore[no-untyped-def]
     config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = None, **changes: Any
 ):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    return built_on(device, dtype, lambda: WanTransformer3DModel(**{**config, **changes}))
+    return model_from_config("WanTransformer3DModel", config, seed=seed, dtype=dtype, device=device, **changes)
 
 
 def tiny_wan_vae(z_dim: int = 4):  # type: ignore[no-untyped-def]
