@@ -244,3 +244,40 @@ def test_step_caches_and_tokred_on_the_dit_families(family, cache, order):
     patch.remove()
     model.disable_cache()
     assert not tokred_hooks(model) and torch.equal(denoise(), base)
+
+
+@pytest.mark.parametrize("cache", ["first_block", "taylorseer"])
+def test_everything_at_once_over_several_images(pipe, configs, cache):
+    """The way users stack it: model offload, another attention backend, regional compile (fullgraph=False: the
+    caches' decisions cannot be compiled), a cache hook and tokred, over several images in a row; removing both
+    gives back the plain pipeline bit for bit."""
+    from diffusers import attention_backend
+
+    transformer = pipe.transformer
+    base = generate(pipe)
+    torch._dynamo.reset()
+    pipe.enable_model_cpu_offload(device="cpu")
+    transformer.enable_cache(configs[cache])
+    patch = tokred.apply(pipe, "toma")
+    transformer.compile_repeated_blocks(fullgraph=False, backend="eager")
+    computed = Computed(transformer)
+    try:
+        with attention_backend("_native_math"):
+            images = [generate(pipe) for _ in range(3)]
+        assert patch.active and patch.stats.total.merged_calls > 0
+        assert computed.counts["attention"] < 3 * 5 * STEPS  # the cache skipped work
+        # compiled blocks: one count per scheduled call, however many graph breaks (cache gates, the counting hooks)
+        assert all(site.calls == 3 * STEPS for site in patch.stats.sites.values())
+        for image in images[1:]:  # each image starts afresh: the cache's state and tokred's plans are reset
+            torch.testing.assert_close(image, images[0], rtol=0, atol=0)
+        assert torch.isfinite(images[0]).all() and not torch.equal(images[0], base)
+    finally:
+        computed.remove()
+        patch.remove()
+        transformer.disable_cache()
+        pipe.remove_all_hooks()
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            block._compiled_call_impl = None  # back to eager for the other tests of this module
+        torch._dynamo.reset()
+    assert not tokred_hooks(transformer)
+    assert torch.equal(generate(pipe), base)

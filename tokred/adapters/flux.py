@@ -304,7 +304,10 @@ class FluxSingleBlockSite(Site):
         super().__init__(engine, site, cell)
         inner = SiteInfo(f"{site.name}.attn", "attn1", site.family, site.block)
         self.attention = FluxAttentionSite(engine, inner, cell, inner=True)
-        cell.slots.remove(self.attention.slot)  # compiled blocks: only the block site's plan is prepared
+        # compiled blocks: only the block site's plan is prepared, and the attention uses it when it merges on its
+        # own (a cache hook on the attention)
+        cell.slots.remove(self.attention.slot)
+        self.attention.slot = self.slot
         self.handles: tuple[Any, ...] = ()
         self.block: torch.nn.Module | None = None
         self._pending: tuple[MergePlan, int] | None = None

@@ -48,12 +48,14 @@ class GridCell:
         extra: tokens of that stream after the grid that never merge (Flux Kontext's reference image).
         slots: the compiled-mode slots of the scope's sites (filled at the entry when the blocks are compiled).
         blocks: the modules whose compilation makes the scope's sites run compiled.
+        prepared: whether the entry prepared the slots' plans for this call (the blocks run compiled).
     """
 
     grid: tuple[int, ...] | None = None
     extra: int = 0
     slots: list[SiteSlot] = field(default_factory=list)
     blocks: list[torch.nn.Module] = field(default_factory=list)
+    prepared: bool = False
 
     @property
     def tokens(self) -> int:
@@ -201,7 +203,8 @@ class GridHook(EntryHook):
             self.cell.grid, self.cell.extra = read  # type: ignore[assignment]
         else:
             self.cell.grid, self.cell.extra = read, 0  # type: ignore[assignment]
-        if (traced or compiled(self.cell.blocks)) and self.read_features is not None:
+        self.cell.prepared = (traced or compiled(self.cell.blocks)) and self.read_features is not None
+        if self.cell.prepared:
             features = self.read_features(args, kwargs)
             if features is not None and self.cell.extra:
                 features = features[:, : features.shape[1] - self.cell.extra]
@@ -281,9 +284,13 @@ class Site:
         """The plan for ``tokens`` (B, N, C) (the grid part of the stream) now, or None to run unchanged.
 
         Eager: built or reused by the engine from these very tokens. Compiled: the one the scope's entry prepared
-        (only tensors are read here, so one graph serves every block of a class)."""
+        (only tensors are read here, so one graph serves every block of a class) — also in the parts of a compiled
+        block that a graph break leaves eager (another hook, a cache's decision), so that one call merges with one
+        plan and is counted once."""
         if torch.compiler.is_compiling():
             return None if share_batch else self.slot.plan
+        if self.cell.prepared and not share_batch:
+            return self.slot.plan
         return self.engine.plan_for(self.site, tokens, self.cell.grid, share_batch=share_batch)
 
     def split(self, hidden: Tensor) -> tuple[Tensor, Tensor | None]:
